@@ -1,0 +1,1 @@
+"""The event bus: Kinesis Data Streams producer and consumer, and an in-memory twin."""

@@ -1,0 +1,53 @@
+"""Ports of the bus: what a service needs to publish and consume records."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from callstream.events import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record read from a stream shard."""
+
+    stream: str
+    shard_id: str
+    sequence_number: str
+    partition_key: str
+    data: bytes
+
+
+class EventSink(Protocol):
+    """Publishes events to one stream, partitioned by contact."""
+
+    stream: str
+
+    def publish(self, events: Sequence[Event]) -> None:
+        """Durably publish all events or raise; order per contact is kept by sequence fields."""
+
+
+class RawSink(Protocol):
+    """Publishes already-framed records (dead letters, redrive)."""
+
+    stream: str
+
+    def put_raw(self, items: Sequence[tuple[str, bytes]]) -> None:
+        """Durably publish (partition key, bytes) pairs or raise."""
+
+
+class RecordSource(Protocol):
+    """Yields records of the shards this instance holds, and takes checkpoints."""
+
+    stream: str
+
+    def poll(self) -> list[Record]:
+        """Records that arrived since the last poll, in shard order (may be empty)."""
+
+    def checkpoint(self, shard_id: str, sequence_number: str, *, inclusive: bool) -> None:
+        """Record that processing of `shard_id` may restart at (inclusive) or after this record."""
+
+    def close(self) -> None:
+        """Release held shards so another instance can take them at once."""

@@ -1,0 +1,218 @@
+"""Settings, read from the environment once per process and validated at start-up.
+
+The reference Lambda's variable names keep their meaning (`APP_REGION`,
+`TRANSCRIBE_REGION`, `RECORDINGS_BUCKET_NAME`, `RECORDINGS_KEY_PREFIX`,
+`RECORDINGS_PUBLIC_READ_ACL`, `INPUT_KEY_PREFIX`, `CONSOLE_LOG_TRANSCRIPT_FLAG`,
+`TABLE_CALLER_TRANSCRIPT`, `TABLE_CALLER_TRANSCRIPT_TO_CUSTOMER`,
+`SAVE_PARTIAL_TRANSCRIPTS`, `START_SELECTOR_TYPE`); the project's own settings
+are prefixed `CALLSTREAM_`. Where AWS is (real, LocalStack, the embedded
+emulator) is boto3's own business: `AWS_ENDPOINT_URL`, region, credentials chain.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from callstream.errors import ConfigError
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off", ""}
+_REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+
+
+class Env:
+    """Typed, validated reads from an environment mapping; errors name the variable."""
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        self._env = os.environ if environ is None else environ
+
+    def str(self, name: str, default: str | None = None) -> str:
+        """A required string (or its default)."""
+        value = self._env.get(name, default)
+        if value is None or value == "":
+            if default is not None:
+                return default
+            raise ConfigError(f"{name} is required but not set")
+        return value
+
+    def bool(self, name: str, default: bool = False) -> bool:
+        """TRUE/FALSE (any case), 1/0, yes/no, on/off."""
+        raw = self._env.get(name)
+        if raw is None:
+            return default
+        lowered = raw.strip().lower()
+        if lowered in _TRUE:
+            return True
+        if lowered in _FALSE:
+            return False
+        raise ConfigError(f"{name} must be TRUE or FALSE, got {raw!r}")
+
+    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+        """An integer within [minimum, maximum]."""
+        raw = self._env.get(name)
+        if raw is None or raw == "":
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise ConfigError(f"{name} must be {bound}, got {value}")
+        return value
+
+    def region(self, name: str, default: str) -> str:
+        """An AWS region name such as us-east-1."""
+        value = self.str(name, default)
+        if not _REGION.match(value):
+            raise ConfigError(f"{name} must be an AWS region like us-east-1, got {value!r}")
+        return value
+
+    def name(self, name: str, default: str) -> str:
+        """A stream or table name."""
+        value = self.str(name, default)
+        if not _NAME.match(value):
+            raise ConfigError(f"{name} must be a stream/table name ([A-Za-z0-9_.-]), got {value!r}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
+        """One of a fixed set of values (case-insensitive)."""
+        value = self.str(name, default)
+        for choice in choices:
+            if value.lower() == choice.lower():
+                return choice
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BusSettings:
+    """Where the services' Kinesis Data Streams and lease table are."""
+
+    region: str
+    calls_stream: str
+    audio_stream: str
+    transcripts_stream: str
+    deadletter_stream: str
+    lease_table: str
+    worker_id: str
+    poll_interval_ms: int
+
+    @classmethod
+    def from_env(cls, env: Env) -> BusSettings:
+        """Read CALLSTREAM_*_STREAM, CALLSTREAM_LEASE_TABLE and APP_REGION."""
+        return cls(
+            region=env.region("APP_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
+            calls_stream=env.name("CALLSTREAM_CALLS_STREAM", "callstream-calls"),
+            audio_stream=env.name("CALLSTREAM_AUDIO_STREAM", "callstream-audio"),
+            transcripts_stream=env.name("CALLSTREAM_TRANSCRIPTS_STREAM", "callstream-transcripts"),
+            deadletter_stream=env.name("CALLSTREAM_DEADLETTER_STREAM", "callstream-deadletters"),
+            lease_table=env.name("CALLSTREAM_LEASE_TABLE", "callstream-leases"),
+            worker_id=env.str("CALLSTREAM_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+            poll_interval_ms=env.int("CALLSTREAM_POLL_INTERVAL_MS", 200, minimum=10),
+        )
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The ingest service: KVS reading and chunking."""
+
+    bus: BusSettings
+    chunk_ms: int
+    start_selector_type: str
+    idle_timeout_s: int
+    max_concurrent_calls: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> IngestSettings:
+        """Validate the ingest service's environment."""
+        env = Env(environ)
+        return cls(
+            bus=BusSettings.from_env(env),
+            chunk_ms=env.int("CALLSTREAM_CHUNK_MS", 128, minimum=16, maximum=2000),
+            start_selector_type=env.choice(
+                "START_SELECTOR_TYPE", "FRAGMENT_NUMBER", ("FRAGMENT_NUMBER", "NOW")
+            ),
+            idle_timeout_s=env.int("CALLSTREAM_IDLE_TIMEOUT_S", 30, minimum=1),
+            max_concurrent_calls=env.int("CALLSTREAM_MAX_CALLS", 200, minimum=1),
+        )
+
+
+@dataclass(frozen=True)
+class TranscriberSettings:
+    """The transcriber service: which speech engine, where."""
+
+    bus: BusSettings
+    engine: str
+    transcribe_region: str
+    default_language: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TranscriberSettings:
+        """Validate the transcriber's environment."""
+        env = Env(environ)
+        bus = BusSettings.from_env(env)
+        return cls(
+            bus=bus,
+            engine=env.choice("CALLSTREAM_ASR_ENGINE", "offline", ("offline", "transcribe")),
+            transcribe_region=env.region("TRANSCRIBE_REGION", bus.region),
+            default_language=env.str("CALLSTREAM_DEFAULT_LANGUAGE", "en-US"),
+        )
+
+
+@dataclass(frozen=True)
+class RecorderSettings:
+    """The recorder service: where WAVs go."""
+
+    bus: BusSettings
+    bucket: str
+    key_prefix: str
+    public_read: bool
+    spool_dir: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> RecorderSettings:
+        """Validate the recorder's environment."""
+        env = Env(environ)
+        bucket = env.str("RECORDINGS_BUCKET_NAME")
+        if not _BUCKET.match(bucket):
+            raise ConfigError(f"RECORDINGS_BUCKET_NAME is not a valid S3 bucket name: {bucket!r}")
+        return cls(
+            bus=BusSettings.from_env(env),
+            bucket=bucket,
+            key_prefix=env.str("RECORDINGS_KEY_PREFIX", "recordings/"),
+            public_read=env.bool("RECORDINGS_PUBLIC_READ_ACL", False),
+            spool_dir=env.str("CALLSTREAM_SPOOL_DIR", os.path.join(".callstream", "spool")),
+        )
+
+
+@dataclass(frozen=True)
+class PersisterSettings:
+    """The persister service: DynamoDB tables and what goes in them."""
+
+    bus: BusSettings
+    customer_table: str
+    agent_table: str
+    save_partials: bool
+    console_log: bool
+    ttl_days: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> PersisterSettings:
+        """Validate the persister's environment."""
+        env = Env(environ)
+        return cls(
+            bus=BusSettings.from_env(env),
+            customer_table=env.name("TABLE_CALLER_TRANSCRIPT", "contactTranscriptSegments"),
+            agent_table=env.name(
+                "TABLE_CALLER_TRANSCRIPT_TO_CUSTOMER", "contactTranscriptSegmentsToCustomer"
+            ),
+            save_partials=env.bool("SAVE_PARTIAL_TRANSCRIPTS", False),
+            console_log=env.bool("CONSOLE_LOG_TRANSCRIPT_FLAG", False),
+            ttl_days=env.int("CALLSTREAM_TRANSCRIPT_TTL_DAYS", 7, minimum=1),
+        )

@@ -1,0 +1,158 @@
+"""The consumer loop every service runs: poll, decode, handle, checkpoint.
+
+Checkpoints mean "done": many calls interleave on a shard, so the loop keeps,
+per shard, the first record of every call whose effects are not yet durable
+(the handler says when a call is settled) and checkpoints at the oldest of
+those, or past the last record when none is open. After a crash the shard is
+replayed from there; handlers write idempotent outputs, so a replay rewrites
+the same rows and objects.
+
+Undecodable records and records a handler rejects go to the dead-letter
+stream with their bytes and the reason; retryable failures back off and retry
+the same record; nothing is skipped silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+from callstream.bus.kinesis import backoff_delays
+from callstream.bus.leases import now_ms
+from callstream.bus.ports import RawSink, Record, RecordSource
+from callstream.contract import Contract, default_contract
+from callstream.errors import PoisonRecordError, RetryableError
+from callstream.events import DeadLetter, Event
+
+log = logging.getLogger(__name__)
+
+
+class Handler(Protocol):
+    """A service's glue between decoded events and its pure core."""
+
+    def handle(self, event: Event, record: Record) -> None:
+        """Process one event; apply its effects durably or raise."""
+
+    def is_settled(self, contact_id: str) -> bool:
+        """True when every effect of this call's records so far is durable."""
+
+    def tick(self) -> None:
+        """Periodic work between polls (engine results, timeouts)."""
+
+    def forget(self, contact_ids: Iterable[str]) -> None:
+        """Drop in-memory state of calls whose shard this instance lost."""
+
+
+class ServiceLoop:
+    """Runs one handler over one record source until stopped."""
+
+    def __init__(
+        self,
+        service: str,
+        source: RecordSource,
+        handler: Handler,
+        deadletters: RawSink,
+        contract: Contract | None = None,
+        poll_interval_s: float = 0.2,
+    ) -> None:
+        self.service = service
+        self.source = source
+        self.handler = handler
+        self.deadletters = deadletters
+        self.contract = contract or default_contract()
+        self.poll_interval_s = poll_interval_s
+        self._open: dict[str, dict[str, str]] = {}  # shard -> contact -> first unsettled seq
+        self._last: dict[str, str] = {}  # shard -> last processed seq
+
+    def run(self, stop: threading.Event) -> None:
+        """Poll until `stop` is set, then checkpoint and release the shards."""
+        try:
+            while not stop.is_set():
+                records = self.source.poll()
+                self.process(records, stop)
+                self.handler.tick()
+                self.checkpoint()
+                if not records:
+                    stop.wait(self.poll_interval_s)
+        finally:
+            self.checkpoint()
+            self.source.close()
+
+    def process(self, records: list[Record], stop: threading.Event | None = None) -> None:
+        """Decode and handle records in order; dead-letter what cannot be processed."""
+        for record in records:
+            contact = self._handle_with_retry(record, stop)
+            self._last[record.shard_id] = record.sequence_number
+            if contact is not None:
+                self._open.setdefault(record.shard_id, {}).setdefault(
+                    contact, record.sequence_number
+                )
+
+    def checkpoint(self) -> None:
+        """Checkpoint each shard at its oldest unsettled call, or past its last record."""
+        for shard_id, last in list(self._last.items()):
+            open_calls = self._open.get(shard_id, {})
+            for contact in [c for c in open_calls if self.handler.is_settled(c)]:
+                del open_calls[contact]
+            if open_calls:
+                oldest = min(open_calls.values(), key=int)
+                self.source.checkpoint(shard_id, oldest, inclusive=True)
+            else:
+                self.source.checkpoint(shard_id, last, inclusive=False)
+
+    def shard_lost(self, shard_id: str) -> None:
+        """Forget the calls of a shard another instance now owns."""
+        contacts = self._open.pop(shard_id, {})
+        self._last.pop(shard_id, None)
+        self.handler.forget(contacts)
+
+    def _handle_with_retry(self, record: Record, stop: threading.Event | None) -> str | None:
+        delays = backoff_delays(base_s=0.1, cap_s=5.0)
+        while True:
+            try:
+                return self._handle(record)
+            except RetryableError as e:
+                log.warning(
+                    "retrying record after: %s", e, extra={"shard_id": record.shard_id}
+                )
+                if stop is not None and stop.is_set():
+                    raise
+                time.sleep(next(delays))
+
+    def _handle(self, record: Record) -> str | None:
+        try:
+            event = self.contract.decode(record.data)
+            self.handler.handle(event, record)
+        except PoisonRecordError as e:
+            self._dead_letter(record, e.reason, type(e).__name__)
+            return None
+        except RetryableError:
+            raise
+        except Exception as e:  # a record that breaks the handler must not stop the shard
+            log.exception("record rejected", extra={"shard_id": record.shard_id})
+            self._dead_letter(record, f"{type(e).__name__}: {e}", type(e).__name__)
+            return None
+        return getattr(event, "contact_id", None)
+
+    def _dead_letter(self, record: Record, reason: str, error_type: str) -> None:
+        letter = DeadLetter(
+            service=self.service,
+            source_stream=record.stream,
+            shard_id=record.shard_id,
+            sequence_number=record.sequence_number,
+            partition_key=record.partition_key,
+            reason=reason,
+            error_type=error_type,
+            failed_at_ms=now_ms(),
+            data=bytes(record.data),
+        )
+        log.error(
+            "dead-lettered record %s: %s",
+            record.sequence_number,
+            reason,
+            extra={"shard_id": record.shard_id, "stream": record.stream},
+        )
+        self.deadletters.put_raw([(record.partition_key, self.contract.encode(letter))])
