@@ -174,3 +174,58 @@ def tags_element(pairs: Iterable[tuple[str, str]]) -> bytes:
     """One top-level Tags element holding one Tag with a SimpleTag per pair."""
     body = b"".join(simple_tag(name, value) for name, value in pairs)
     return element(TAGS, element(TAG, body))
+
+
+# Added for the streaming reader: the remaining Cluster children, and names
+# for error messages.
+SILENT_TRACKS = 0x5854
+ENCRYPTED_BLOCK = 0xAF
+REFERENCE_BLOCK = 0xFB
+
+CLUSTER_CHILDREN = frozenset(
+    {TIMECODE, SILENT_TRACKS, POSITION, PREV_SIZE, SIMPLE_BLOCK, BLOCK_GROUP, ENCRYPTED_BLOCK}
+    | {VOID, CRC32}
+)
+
+ELEMENT_NAMES: dict[int, str] = {
+    EBML: "EBML",
+    EBML_VERSION: "EBMLVersion",
+    DOC_TYPE: "DocType",
+    VOID: "Void",
+    CRC32: "CRC-32",
+    SEGMENT: "Segment",
+    SEEK_HEAD: "SeekHead",
+    INFO: "Info",
+    TIMECODE_SCALE: "TimecodeScale",
+    TRACKS: "Tracks",
+    TRACK_ENTRY: "TrackEntry",
+    TRACK_NUMBER: "TrackNumber",
+    TRACK_UID: "TrackUID",
+    TRACK_TYPE: "TrackType",
+    NAME: "Name",
+    CODEC_ID: "CodecID",
+    CODEC_PRIVATE: "CodecPrivate",
+    AUDIO: "Audio",
+    SAMPLING_FREQUENCY: "SamplingFrequency",
+    CHANNELS: "Channels",
+    CLUSTER: "Cluster",
+    TIMECODE: "Timecode",
+    POSITION: "Position",
+    SIMPLE_BLOCK: "SimpleBlock",
+    BLOCK_GROUP: "BlockGroup",
+    BLOCK: "Block",
+    REFERENCE_BLOCK: "ReferenceBlock",
+    CUES: "Cues",
+    CHAPTERS: "Chapters",
+    ATTACHMENTS: "Attachments",
+    TAGS: "Tags",
+    TAG: "Tag",
+    SIMPLE_TAG: "SimpleTag",
+    TAG_NAME: "TagName",
+    TAG_STRING: "TagString",
+}
+
+
+def element_name(element_id: int) -> str:
+    """A readable name for an element ID, for messages ("element 0x1234" if unknown)."""
+    return ELEMENT_NAMES.get(element_id, f"element 0x{element_id:X}")
