@@ -29,6 +29,11 @@ def session(region: str) -> boto3.session.Session:
     return boto3.session.Session(region_name=region)
 
 
+def client_config() -> Config:
+    """The retry and timeout policy, for boto3 resources."""
+    return _RETRIES
+
+
 _LOCK = threading.Lock()  # boto3 sessions are not thread-safe when making clients
 
 

@@ -32,7 +32,7 @@ class Env:
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self._env = os.environ if environ is None else environ
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def text(self, name: str, default: str | None = None) -> str:
         """A required string (or its default)."""
         value = self._env.get(name, default)
         if value is None or value == "":
@@ -41,7 +41,7 @@ class Env:
             raise ConfigError(f"{name} is required but not set")
         return value
 
-    def bool(self, name: str, default: bool = False) -> bool:
+    def flag(self, name: str, default: bool = False) -> bool:
         """TRUE/FALSE (any case), 1/0, yes/no, on/off."""
         raw = self._env.get(name)
         if raw is None:
@@ -53,7 +53,7 @@ class Env:
             return False
         raise ConfigError(f"{name} must be TRUE or FALSE, got {raw!r}")
 
-    def int(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(self, name: str, default: int, minimum: int = 0, maximum: int | None = None) -> int:
         """An integer within [minimum, maximum]."""
         raw = self._env.get(name)
         if raw is None or raw == "":
@@ -69,21 +69,21 @@ class Env:
 
     def region(self, name: str, default: str) -> str:
         """An AWS region name such as us-east-1."""
-        value = self.str(name, default)
+        value = self.text(name, default)
         if not _REGION.match(value):
             raise ConfigError(f"{name} must be an AWS region like us-east-1, got {value!r}")
         return value
 
     def name(self, name: str, default: str) -> str:
         """A stream or table name."""
-        value = self.str(name, default)
+        value = self.text(name, default)
         if not _NAME.match(value):
             raise ConfigError(f"{name} must be a stream/table name ([A-Za-z0-9_.-]), got {value!r}")
         return value
 
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         """One of a fixed set of values (case-insensitive)."""
-        value = self.str(name, default)
+        value = self.text(name, default)
         for choice in choices:
             if value.lower() == choice.lower():
                 return choice
@@ -113,8 +113,8 @@ class BusSettings:
             transcripts_stream=env.name("CALLSTREAM_TRANSCRIPTS_STREAM", "callstream-transcripts"),
             deadletter_stream=env.name("CALLSTREAM_DEADLETTER_STREAM", "callstream-deadletters"),
             lease_table=env.name("CALLSTREAM_LEASE_TABLE", "callstream-leases"),
-            worker_id=env.str("CALLSTREAM_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
-            poll_interval_ms=env.int("CALLSTREAM_POLL_INTERVAL_MS", 200, minimum=10),
+            worker_id=env.text("CALLSTREAM_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
+            poll_interval_ms=env.integer("CALLSTREAM_POLL_INTERVAL_MS", 200, minimum=10),
         )
 
 
@@ -134,12 +134,12 @@ class IngestSettings:
         env = Env(environ)
         return cls(
             bus=BusSettings.from_env(env),
-            chunk_ms=env.int("CALLSTREAM_CHUNK_MS", 128, minimum=16, maximum=2000),
+            chunk_ms=env.integer("CALLSTREAM_CHUNK_MS", 128, minimum=16, maximum=2000),
             start_selector_type=env.choice(
                 "START_SELECTOR_TYPE", "FRAGMENT_NUMBER", ("FRAGMENT_NUMBER", "NOW")
             ),
-            idle_timeout_s=env.int("CALLSTREAM_IDLE_TIMEOUT_S", 30, minimum=1),
-            max_concurrent_calls=env.int("CALLSTREAM_MAX_CALLS", 200, minimum=1),
+            idle_timeout_s=env.integer("CALLSTREAM_IDLE_TIMEOUT_S", 30, minimum=1),
+            max_concurrent_calls=env.integer("CALLSTREAM_MAX_CALLS", 200, minimum=1),
         )
 
 
@@ -161,7 +161,7 @@ class TranscriberSettings:
             bus=bus,
             engine=env.choice("CALLSTREAM_ASR_ENGINE", "offline", ("offline", "transcribe")),
             transcribe_region=env.region("TRANSCRIBE_REGION", bus.region),
-            default_language=env.str("CALLSTREAM_DEFAULT_LANGUAGE", "en-US"),
+            default_language=env.text("CALLSTREAM_DEFAULT_LANGUAGE", "en-US"),
         )
 
 
@@ -179,15 +179,15 @@ class RecorderSettings:
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RecorderSettings:
         """Validate the recorder's environment."""
         env = Env(environ)
-        bucket = env.str("RECORDINGS_BUCKET_NAME")
+        bucket = env.text("RECORDINGS_BUCKET_NAME")
         if not _BUCKET.match(bucket):
             raise ConfigError(f"RECORDINGS_BUCKET_NAME is not a valid S3 bucket name: {bucket!r}")
         return cls(
             bus=BusSettings.from_env(env),
             bucket=bucket,
-            key_prefix=env.str("RECORDINGS_KEY_PREFIX", "recordings/"),
-            public_read=env.bool("RECORDINGS_PUBLIC_READ_ACL", False),
-            spool_dir=env.str("CALLSTREAM_SPOOL_DIR", os.path.join(".callstream", "spool")),
+            key_prefix=env.text("RECORDINGS_KEY_PREFIX", "recordings/"),
+            public_read=env.flag("RECORDINGS_PUBLIC_READ_ACL", False),
+            spool_dir=env.text("CALLSTREAM_SPOOL_DIR", os.path.join(".callstream", "spool")),
         )
 
 
@@ -212,7 +212,7 @@ class PersisterSettings:
             agent_table=env.name(
                 "TABLE_CALLER_TRANSCRIPT_TO_CUSTOMER", "contactTranscriptSegmentsToCustomer"
             ),
-            save_partials=env.bool("SAVE_PARTIAL_TRANSCRIPTS", False),
-            console_log=env.bool("CONSOLE_LOG_TRANSCRIPT_FLAG", False),
-            ttl_days=env.int("CALLSTREAM_TRANSCRIPT_TTL_DAYS", 7, minimum=1),
+            save_partials=env.flag("SAVE_PARTIAL_TRANSCRIPTS", False),
+            console_log=env.flag("CONSOLE_LOG_TRANSCRIPT_FLAG", False),
+            ttl_days=env.integer("CALLSTREAM_TRANSCRIPT_TTL_DAYS", 7, minimum=1),
         )

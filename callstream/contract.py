@@ -113,6 +113,7 @@ def _load_versions(schemas_dir: Path) -> list[SchemaVersion]:
             continue
         parsed = parse_schema(json.loads(path.read_text()), named_schemas=dict(shared))
         canonical = to_parsing_canonical_form(parsed)
+        assert isinstance(parsed, dict)
         versions.append(
             SchemaVersion(
                 full_name=parsed["name"],

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any, ClassVar
 
 
-class Track(str, Enum):
+class Track(StrEnum):
     """Which side of the call a piece of audio or text belongs to."""
 
     FROM_CUSTOMER = "AUDIO_FROM_CUSTOMER"
@@ -24,7 +24,7 @@ class Track(str, Enum):
         return "customer" if self is Track.FROM_CUSTOMER else "agent"
 
 
-class EndReason(str, Enum):
+class EndReason(StrEnum):
     """Why a call ended."""
 
     CONTACT_CHANGED = "CONTACT_CHANGED"

@@ -115,9 +115,7 @@ class ServiceLoop:
             try:
                 return self._handle(record)
             except RetryableError as e:
-                log.warning(
-                    "retrying record after: %s", e, extra={"shard_id": record.shard_id}
-                )
+                log.warning("retrying record after: %s", e, extra={"shard_id": record.shard_id})
                 if stop is not None and stop.is_set():
                     raise
                 time.sleep(next(delays))

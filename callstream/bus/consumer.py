@@ -103,7 +103,11 @@ class KinesisSource:
 
     def _take_free(self, all_leases: dict[str, Lease], shards: list[str]) -> None:
         now = now_ms()
-        live = {lease.owner for lease in all_leases.values() if lease.owner and lease.expires_at_ms > now}
+        live = {
+            lease.owner
+            for lease in all_leases.values()
+            if lease.owner and lease.expires_at_ms > now
+        }
         live.add(self.worker_id)
         readable = [s for s in shards if self._readable(s, all_leases)]
         target = fair_share(len(readable), len(live))

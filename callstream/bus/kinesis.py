@@ -56,6 +56,7 @@ class KinesisPublisher:
         self.stream = stream
         self.contract = contract or default_contract()
         self.deadline_s = deadline_s
+        self._log_extra = {"stream": stream}
 
     def publish(self, events: Sequence[Event]) -> None:
         """Encode and publish events; raises StoreUnavailable past the deadline."""
@@ -101,7 +102,9 @@ class KinesisPublisher:
             for item, result in zip(batch, response["Records"], strict=True)
             if "ErrorCode" in result
         ]
-        log.info("retrying %d of %d records", len(failed), len(batch), extra={"stream": self.stream})
+        log.info(
+            "retrying %d of %d records", len(failed), len(batch), extra={"stream": self.stream}
+        )
         return failed
 
 

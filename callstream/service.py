@@ -1,0 +1,69 @@
+"""Wiring shared by every service's `main.py`: clients, streams, the loop, signals.
+
+Each `main.py` builds its settings and handler, then calls `run_service`.
+SIGTERM/SIGINT stop the loop after the current batch: it checkpoints and
+releases its leases so another instance takes over at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+from typing import Any
+
+from callstream import aws
+from callstream.bus.consumer import KinesisSource
+from callstream.bus.kinesis import KinesisPublisher
+from callstream.bus.leases import LeaseTable
+from callstream.config import BusSettings
+from callstream.runtime import Handler, ServiceLoop
+
+log = logging.getLogger(__name__)
+
+
+def ensure_stream(kinesis: Any, name: str, shards: int = 1) -> None:
+    """Create a stream if absent and wait until it is active."""
+    try:
+        kinesis.describe_stream_summary(StreamName=name)
+    except kinesis.exceptions.ResourceNotFoundException:
+        with contextlib.suppress(kinesis.exceptions.ResourceInUseException):
+            kinesis.create_stream(StreamName=name, ShardCount=shards)
+    kinesis.get_waiter("stream_exists").wait(StreamName=name)
+
+
+def publisher(bus: BusSettings, stream: str) -> KinesisPublisher:
+    """A publisher to one of the bus's streams."""
+    return KinesisPublisher(aws.client("kinesis", bus.region), stream)
+
+
+def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -> None:
+    """Consume `stream` with `handler` until SIGTERM/SIGINT."""
+    kinesis = aws.client("kinesis", bus.region)
+    leases = LeaseTable(aws.client("dynamodb", bus.region), bus.lease_table)
+    leases.ensure_table()
+    ensure_stream(kinesis, stream)
+    ensure_stream(kinesis, bus.deadletter_stream)
+    loop: ServiceLoop | None = None
+    source = KinesisSource(
+        kinesis,
+        leases,
+        stream=stream,
+        group=service,
+        worker_id=bus.worker_id,
+        on_shard_lost=lambda shard: loop.shard_lost(shard) if loop else None,
+    )
+    loop = ServiceLoop(
+        service,
+        source,
+        handler,
+        KinesisPublisher(kinesis, bus.deadletter_stream),
+        poll_interval_s=bus.poll_interval_ms / 1000,
+    )
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("consuming %s as %s", stream, bus.worker_id, extra={"stream": stream})
+    loop.run(stop)
+    log.info("stopped")

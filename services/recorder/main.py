@@ -1,0 +1,103 @@
+"""Recorder service: the audio stream -> one WAV per track in S3.
+
+Thin wiring over `core.CallRecording` (what to write) and `spool.Spool`
+(where it waits). A call is settled once its WAVs are in S3.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from callstream import aws
+from callstream import log as logsetup
+from callstream.bus.ports import Record
+from callstream.config import RecorderSettings
+from callstream.errors import StoreUnavailable
+from callstream.events import Event
+from callstream.service import run_service
+from services.recorder.core import CallRecording, UploadWav
+from services.recorder.spool import Spool
+
+log = logging.getLogger(__name__)
+_DONE_MEMORY = 10_000
+
+
+class RecorderHandler:
+    """Feeds each call's recording and applies its effects."""
+
+    def __init__(self, settings: RecorderSettings, s3: Any) -> None:
+        self.settings = settings
+        self.s3 = s3
+        self.spool = Spool(settings.spool_dir)
+        self.calls: dict[str, CallRecording] = {}
+        self.done: OrderedDict[str, None] = OrderedDict()
+
+    def handle(self, event: Event, record: Record) -> None:
+        contact_id = getattr(event, "contact_id", None)
+        if contact_id is None or contact_id in self.done:
+            return
+        call = self.calls.get(contact_id)
+        if call is None:
+            call = self.calls[contact_id] = CallRecording(contact_id, self.settings.key_prefix)
+        for write in call.accept(event):
+            self.spool.write(write.contact_id, write.track, write.byte_offset, write.pcm)
+        uploads = call.uploads()
+        if uploads:
+            for upload in uploads:
+                self._upload(upload)
+            call.mark_uploaded()
+            self._retire(contact_id)
+
+    def is_settled(self, contact_id: str) -> bool:
+        return contact_id in self.done
+
+    def tick(self) -> None:
+        return None
+
+    def forget(self, contact_ids: Iterable[str]) -> None:
+        for contact_id in contact_ids:
+            self.calls.pop(contact_id, None)
+
+    def _upload(self, upload: UploadWav) -> None:
+        path = self.spool.finish(upload.contact_id, upload.track, upload.pcm_bytes)
+        extra: dict[str, Any] = {
+            "ContentType": "audio/wav",
+            "Metadata": {"contact-id": upload.contact_id, "track": upload.track.value},
+        }
+        if self.settings.public_read:
+            extra["ACL"] = "public-read"
+        try:
+            self.s3.upload_file(str(path), self.settings.bucket, upload.key, ExtraArgs=extra)
+        except (ClientError, BotoCoreError) as e:
+            raise StoreUnavailable(f"S3 upload of {upload.key} failed: {e}") from e
+        log.info(
+            "stored s3://%s/%s (%d bytes of PCM)",
+            self.settings.bucket,
+            upload.key,
+            upload.pcm_bytes,
+            extra={"contact_id": upload.contact_id, "track": upload.track.value},
+        )
+
+    def _retire(self, contact_id: str) -> None:
+        self.calls.pop(contact_id, None)
+        self.spool.discard(contact_id)
+        self.done[contact_id] = None
+        while len(self.done) > _DONE_MEMORY:
+            self.done.popitem(last=False)
+
+
+def main() -> None:
+    """Entry point: `python -m services.recorder.main`."""
+    logsetup.configure("recorder")
+    settings = RecorderSettings.from_env()
+    s3 = aws.client("s3", settings.bus.region)
+    run_service("recorder", settings.bus, settings.bus.audio_stream, RecorderHandler(settings, s3))
+
+
+if __name__ == "__main__":
+    main()
