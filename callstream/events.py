@@ -158,9 +158,9 @@ def from_record(cls: type[Any], record: dict[str, Any]) -> Event:
         if f.name not in record:
             continue
         value = record[f.name]
-        if f.name == "track":
+        if f.type == "Track":
             value = Track(value)
-        elif f.name == "reason":
+        elif f.type == "EndReason":
             value = EndReason(value)
         elif f.name == "words":
             value = tuple(WordTiming(**w) for w in value)
