@@ -1,0 +1,108 @@
+"""The service loop: checkpoints mean done, bad records are dead-lettered, retries lose nothing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
+from callstream.bus.ports import Record
+from callstream.contract import default_contract
+from callstream.errors import RetryableError
+from callstream.events import CallEnded, CallStarted, DeadLetter, EndReason, Event
+from callstream.runtime import ServiceLoop
+
+
+class CallsUntilEnded:
+    """Test handler: a call is settled once its CallEnded was handled."""
+
+    def __init__(self, fail_times: int = 0) -> None:
+        self.seen: list[Event] = []
+        self.ended: set[str] = set()
+        self.fail_times = fail_times
+
+    def handle(self, event: Event, record: Record) -> None:
+        if self.fail_times:
+            self.fail_times -= 1
+            raise RetryableError("throttled")
+        if isinstance(event, CallStarted) and event.contact_id == "explode":
+            raise ValueError("handler bug")
+        self.seen.append(event)
+        if isinstance(event, CallEnded):
+            self.ended.add(event.contact_id)
+
+    def is_settled(self, contact_id: str) -> bool:
+        return contact_id in self.ended
+
+    def tick(self) -> None:
+        return None
+
+    def forget(self, contact_ids: Iterable[str]) -> None:
+        return None
+
+
+def _started(contact: str) -> CallStarted:
+    return CallStarted(contact, "arn", 0)
+
+
+def _ended(contact: str) -> CallEnded:
+    return CallEnded(contact, EndReason.END_OF_STREAM, 0)
+
+
+def _loop(
+    stream: MemoryStream, handler: CallsUntilEnded, checkpoints: dict
+) -> tuple[ServiceLoop, MemoryStream]:
+    dead = MemoryStream("dead")
+    source = MemorySource(stream, checkpoints)
+    return ServiceLoop("test", source, handler, MemoryPublisher(dead)), dead
+
+
+def test_checkpoint_waits_at_the_oldest_open_call_then_moves_past_it() -> None:
+    stream = MemoryStream("audio")
+    publisher = MemoryPublisher(stream)
+    publisher.publish([_started("a"), _started("b"), _ended("b")])
+    checkpoints: dict = {}
+    loop, _ = _loop(stream, CallsUntilEnded(), checkpoints)
+    loop.process(loop.source.poll())
+    loop.checkpoint()
+    assert checkpoints["shardId-000000000000"] == ("1", True)
+    publisher.publish([_ended("a")])
+    loop.process(loop.source.poll())
+    loop.checkpoint()
+    assert checkpoints["shardId-000000000000"] == ("4", False)
+
+
+def test_a_restarted_loop_replays_every_record_of_unsettled_calls() -> None:
+    stream = MemoryStream("audio")
+    MemoryPublisher(stream).publish([_started("a"), _started("b"), _ended("b"), _started("c")])
+    checkpoints: dict = {}
+    first, _ = _loop(stream, CallsUntilEnded(), checkpoints)
+    first.process(first.source.poll())
+    first.checkpoint()
+    handler = CallsUntilEnded()
+    second, _ = _loop(stream, handler, checkpoints)  # the first instance was killed
+    second.process(second.source.poll())
+    assert [getattr(e, "contact_id", None) for e in handler.seen] == ["a", "b", "b", "c"]
+
+
+def test_undecodable_and_rejected_records_are_dead_lettered_and_the_shard_moves_on() -> None:
+    stream = MemoryStream("audio")
+    stream.append("k", b"garbage")
+    MemoryPublisher(stream).publish([_started("explode"), _started("fine")])
+    handler = CallsUntilEnded()
+    loop, dead = _loop(stream, handler, {})
+    loop.process(loop.source.poll())
+    letters = [default_contract().decode(r.data) for r in dead.shards[0]]
+    assert all(isinstance(letter, DeadLetter) for letter in letters)
+    assert letters[0].data == b"garbage"  # type: ignore[union-attr]
+    assert "handler bug" in letters[1].reason  # type: ignore[union-attr]
+    assert [e.contact_id for e in handler.seen] == ["fine"]  # type: ignore[union-attr]
+
+
+def test_retryable_failures_are_retried_until_they_pass() -> None:
+    stream = MemoryStream("audio")
+    MemoryPublisher(stream).publish([_started("a")])
+    handler = CallsUntilEnded(fail_times=2)
+    loop, dead = _loop(stream, handler, {})
+    loop.process(loop.source.poll(), threading.Event())
+    assert len(handler.seen) == 1 and dead.shards[0] == []
