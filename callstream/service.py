@@ -10,17 +10,31 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from callstream import aws
 from callstream.bus.consumer import KinesisSource
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable
 from callstream.config import BusSettings
+from callstream.errors import ConfigError
 from callstream.runtime import Handler, ServiceLoop
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def load_settings(factory: Callable[[], T]) -> T:
+    """Read settings; a bad value stops the process with a message naming the variable."""
+    try:
+        return factory()
+    except ConfigError as e:
+        log.critical("configuration error: %s", e)
+        print(f"configuration error: {e}", file=sys.stderr)
+        raise SystemExit(2) from e
 
 
 def ensure_stream(kinesis: Any, name: str, shards: int = 1) -> None:

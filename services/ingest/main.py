@@ -16,7 +16,7 @@ from callstream.bus.ports import Record
 from callstream.config import IngestSettings
 from callstream.errors import PoisonRecordError
 from callstream.events import CallStarted, Event
-from callstream.service import publisher, run_service
+from callstream.service import load_settings, publisher, run_service
 from services.ingest.media import KvsMedia
 from services.ingest.session import CallSession
 
@@ -63,7 +63,7 @@ class IngestHandler:
 def main() -> None:
     """Entry point: `python -m services.ingest.main`."""
     logsetup.configure("ingest")
-    settings = IngestSettings.from_env()
+    settings = load_settings(IngestSettings.from_env)
     run_service("ingest", settings.bus, settings.bus.calls_stream, IngestHandler(settings))
 
 

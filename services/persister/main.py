@@ -19,7 +19,7 @@ from callstream.bus.ports import Record
 from callstream.config import PersisterSettings
 from callstream.errors import StoreUnavailable
 from callstream.events import Event, TranscriptSegmentProduced
-from callstream.service import run_service
+from callstream.service import load_settings, run_service
 from services.persister.core import PutRow, RowPolicy, rows_for
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def ensure_tables(dynamodb_client: Any, names: Iterable[str]) -> None:
 def main() -> None:
     """Entry point: `python -m services.persister.main`."""
     logsetup.configure("persister")
-    settings = PersisterSettings.from_env()
+    settings = load_settings(PersisterSettings.from_env)
     region = settings.bus.region
     ensure_tables(aws.client("dynamodb", region), [settings.customer_table, settings.agent_table])
     resource = aws.session(region).resource("dynamodb", config=aws.client_config())

@@ -19,7 +19,7 @@ from callstream.bus.ports import Record
 from callstream.config import RecorderSettings
 from callstream.errors import StoreUnavailable
 from callstream.events import Event
-from callstream.service import run_service
+from callstream.service import load_settings, run_service
 from services.recorder.core import CallRecording, UploadWav
 from services.recorder.spool import Spool
 
@@ -94,7 +94,7 @@ class RecorderHandler:
 def main() -> None:
     """Entry point: `python -m services.recorder.main`."""
     logsetup.configure("recorder")
-    settings = RecorderSettings.from_env()
+    settings = load_settings(RecorderSettings.from_env)
     s3 = aws.client("s3", settings.bus.region)
     run_service("recorder", settings.bus, settings.bus.audio_stream, RecorderHandler(settings, s3))
 

@@ -17,7 +17,7 @@ from callstream.asr.base import SpeechEngine
 from callstream.bus.ports import EventSink, Record
 from callstream.config import TranscriberSettings
 from callstream.events import Event
-from callstream.service import publisher, run_service
+from callstream.service import load_settings, publisher, run_service
 from services.transcriber.core import CallTranscription
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def make_engine(settings: TranscriberSettings) -> SpeechEngine:
 def main() -> None:
     """Entry point: `python -m services.transcriber.main`."""
     logsetup.configure("transcriber")
-    settings = TranscriberSettings.from_env()
+    settings = load_settings(TranscriberSettings.from_env)
     engine = make_engine(settings)
     sink = publisher(settings.bus, settings.bus.transcripts_stream)
     handler = TranscriberHandler(engine, sink, settings.default_language)
