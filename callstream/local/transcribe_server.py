@@ -12,7 +12,9 @@ to run against it without AWS:
 - response body: one `TranscriptEvent` message (JSON) per hypothesis of the
   engine, or an exception message such as `LimitExceededException`;
 - a stream refused at start gets an HTTP error status, `x-amzn-errortype` and a
-  JSON `{"Message": ...}` body.
+  JSON `{"Message": ...}` body;
+- a stream that receives no audio for `idle_timeout_s` (15 s, as the service
+  does) fails with the service's `BadRequestException`.
 
 Faults (`Fault`) are injected per stream, in the order streams open: fail with a
 service exception at start or after N audio events, or drop the TCP connection.
@@ -425,7 +427,8 @@ class _StreamSession:
 
     async def _transcribe(self) -> bool:
         """Run until the client's audio is flushed (True) or the stream is abandoned (False)."""
-        audio_events = 0
+        loop = asyncio.get_running_loop()
+        audio_events, last_audio = 0, loop.time()
         while True:
             item = await self._next_item()
             if item is _Signal.END_OF_AUDIO:
@@ -433,20 +436,27 @@ class _StreamSession:
                 return True
             if item is _Signal.CLIENT_GONE:
                 return False
-            if isinstance(item, bytes):
+            if item is None:
+                self._check_idle(loop.time() - last_audio)
+            else:
                 await self._call(self._stream.send, item)
-                audio_events += 1
+                audio_events, last_audio = audio_events + 1, loop.time()
             await self._emit(await self._call(self._stream.poll))
             fault = self._fault
-            if (
-                fault is not None
-                and isinstance(item, bytes)
-                and audio_events == fault.after_audio_events
-            ):
+            if fault is not None and item is not None and audio_events == fault.after_audio_events:
                 if fault.drop_connection:
                     self._drop()
                     return False
                 raise _ServiceError(str(fault.exception), fault.message)
+
+    def _check_idle(self, idle_s: float) -> None:
+        # The service's own words: clients may recognise the timeout by them.
+        if idle_s >= self._timing.idle_timeout_s:
+            raise _ServiceError(
+                "BadRequestException",
+                "Your request timed out because no new audio was received for "
+                f"{self._timing.idle_timeout_s:g} seconds.",
+            )
 
     async def _next_item(self) -> bytes | _Signal | None:
         """The next queued item, or None after a poll interval without one."""
@@ -489,6 +499,7 @@ def _close_quietly(stream: RecognitionStream) -> None:
 class _Timing:
     poll_interval_s: float
     drain_timeout_s: float
+    idle_timeout_s: float
 
 
 class _Ledger:
@@ -627,10 +638,11 @@ class LocalTranscribeServer:
         faults: Iterable[Fault] = (),
         poll_interval_s: float = 0.05,
         drain_timeout_s: float = 10.0,
+        idle_timeout_s: float = 15.0,
     ) -> None:
         self._engine = engine
         self._ledger = _Ledger(faults)
-        self._timing = _Timing(poll_interval_s, drain_timeout_s)
+        self._timing = _Timing(poll_interval_s, drain_timeout_s, idle_timeout_s)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ready = threading.Event()
@@ -699,6 +711,7 @@ class LocalTranscribeServer:
         self._loop = loop
         try:
             loop.run_until_complete(self._serve(tls))
+            loop.run_until_complete(loop.shutdown_default_executor())
         except BaseException as error:
             self._failure = error
             _log.exception("local Transcribe endpoint failed")
