@@ -33,10 +33,12 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import shutil
 import socket
+import string
 import tempfile
 import threading
 import uuid
@@ -210,10 +212,11 @@ def _result_json(hypothesis: Hypothesis) -> dict[str, Any]:
 
 
 def _item_json(word: Word) -> dict[str, Any]:
+    punctuation = bool(word.text) and all(c in string.punctuation for c in word.text)
     item: dict[str, Any] = {
         "StartTime": word.start_ms / 1000,
         "EndTime": word.end_ms / 1000,
-        "Type": "pronunciation",
+        "Type": "punctuation" if punctuation else "pronunciation",
         "Content": word.text,
         "VocabularyFilterMatch": False,
     }
@@ -582,7 +585,7 @@ class _TranscribeApp:
             await self._refuse(send, body, _service_error_for(error))
             return
         await send({"type": "http.response.start", "status": 200, "headers": _ok_headers(params)})
-        drop = lambda: self._relay.drop(client_port)  # noqa: E731
+        drop = functools.partial(self._relay.drop, client_port)
         await _StreamSession(stream, body, send, fault, drop, self._timing).run()
 
     async def _refuse(self, send: Send, body: _RequestBody, error: _ServiceError) -> None:

@@ -40,7 +40,7 @@ class SegmentingTestEngine:
     """TEST DOUBLE, not a recogniser: results are derived from audio length only.
 
     Per `segment_ms` of audio that is not silent it emits a partial ("segment")
-    once half the segment has arrived and a final ("segment K") once all of it
+    once half the segment has arrived and a final ("segment K.") once all of it
     has; `close()` turns a non-silent incomplete last segment into a final.
     Result ids are "segment-K"; languages other than English are refused.
     """
@@ -103,10 +103,16 @@ class _SegmentingStream:
         words: tuple[Word, ...]
         if partial:
             words = (Word("segment", start_ms, end_ms),)
+            text = "segment"
         else:
             mid = (start_ms + end_ms) // 2
-            words = (Word("segment", start_ms, mid, 0.9), Word(str(self._index), mid, end_ms, 0.8))
-        text = " ".join(word.text for word in words)
+            number = str(self._index)
+            words = (
+                Word("segment", start_ms, mid, 0.9),
+                Word(number, mid, end_ms, 0.8),
+                Word(".", end_ms, end_ms),  # served as a punctuation item
+            )
+            text = f"segment {number}."
         return Hypothesis(f"segment-{self._index}", start_ms, end_ms, text, partial, words)
 
 
@@ -219,13 +225,14 @@ def test_partials_then_final_share_result_id_with_times_and_words_mapped(
 
     seen = poll_until_finals(stream, 2) + stream.close()
 
+    # Finals keep their "." in the text; the punctuation item is not a word.
     assert seen == [
         Hypothesis("segment-0", 0, 250, "segment", True, (Word("segment", 0, 250),)),
         Hypothesis(
             "segment-0",
             0,
             500,
-            "segment 0",
+            "segment 0.",
             False,
             (Word("segment", 0, 250, 0.9), Word("0", 250, 500, 0.8)),
         ),
@@ -234,7 +241,7 @@ def test_partials_then_final_share_result_id_with_times_and_words_mapped(
             "segment-1",
             500,
             1000,
-            "segment 1",
+            "segment 1.",
             False,
             (Word("segment", 500, 750, 0.9), Word("1", 750, 1000, 0.8)),
         ),
