@@ -1,0 +1,168 @@
+"""Splits one track's 8 kHz audio into utterances: a VAD plus hangover, as a pure state machine.
+
+Frames of 30 ms are classified by pocketsphinx's WebRTC-style voice activity
+detector (`pocketsphinx.Vad`, aggressiveness 2). On the sample call it finds
+every utterance without splitting one, and with white noise added at
+-35 dBFS (15 dB SNR) it still does, where a plain energy VAD with an adaptive
+floor split 7 of 14 utterances and pocketsphinx's own `Endpointer` (or the
+VAD at aggressiveness 0-1) took the whole noisy track for speech.
+
+The hangover around it: the VAD's first `warmup_ms` (it calls them speech
+while it learns the line noise) are ignored; an utterance opens after
+`start_ms` of consecutive speech frames (so clicks never open one), reaching
+back `preroll_ms`; it
+closes after `end_ms` without speech, keeping `postroll_ms`; one that reaches
+`max_ms` is cut at its quietest 90 ms after half that length, and the rest
+goes on as a new utterance. Positions are sample counts from the stream start,
+so the result does not depend on how the audio was chunked.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+from pocketsphinx import Vad
+
+SAMPLE_RATE = 8000
+
+
+@dataclass(frozen=True)
+class EndpointerConfig:
+    """Tuning of the hangover; times in milliseconds."""
+
+    frame_ms: int = 30
+    vad_mode: int = 2
+    warmup_ms: int = 150
+    start_ms: int = 120
+    end_ms: int = 600
+    preroll_ms: int = 200
+    postroll_ms: int = 200
+    max_ms: int = 20_000
+
+    def samples(self, ms: int) -> int:
+        """Milliseconds as 8 kHz samples."""
+        return ms * SAMPLE_RATE // 1000
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """Sample positions of one utterance: audio to decode, and the speech inside it."""
+
+    audio_start: int
+    speech_start: int
+    speech_end: int  # while open: the end of the last speech frame so far
+    audio_end: int
+
+
+@dataclass(frozen=True)
+class Opened:
+    """An utterance began; more audio will follow."""
+
+    utterance: Utterance
+
+
+@dataclass(frozen=True)
+class Closed:
+    """An utterance is complete; `forced` when cut at the maximum length."""
+
+    utterance: Utterance
+    forced: bool = False
+
+
+Event = Opened | Closed
+
+
+class Endpointer:
+    """Utterance boundaries of one track: feed 16-bit samples, get Opened/Closed events."""
+
+    def __init__(self, config: EndpointerConfig | None = None) -> None:
+        self.config = config or EndpointerConfig()
+        self._vad = Vad(self.config.vad_mode, SAMPLE_RATE, self.config.frame_ms / 1000)
+        self._frame = self._vad.frame_bytes // 2
+        self._pending = np.zeros(0, np.int16)
+        self.position = 0  # samples classified so far
+        self._run = 0  # consecutive speech frames while closed
+        self._last_end = 0  # audio end of the previous utterance
+        self._open: Utterance | None = None
+        # Energy of the latest frames (enough to cover one maximal utterance).
+        max_frames = self.config.samples(self.config.max_ms) // self._frame + 2
+        self._energy: deque[float] = deque(maxlen=max_frames)
+
+    @property
+    def open_utterance(self) -> Utterance | None:
+        """The utterance in progress, if any."""
+        return self._open
+
+    def reach_back(self) -> int:
+        """The earliest sample that an open or future utterance can include."""
+        if self._open is not None:
+            return self._open.audio_start
+        speech_start = self.position - self._run * self._frame
+        return max(self._last_end, speech_start - self.config.samples(self.config.preroll_ms))
+
+    def push(self, samples: np.ndarray) -> list[Event]:
+        """Classify every whole frame now available; return the boundary events."""
+        data = np.concatenate([self._pending, samples.astype(np.int16, copy=False)])
+        events: list[Event] = []
+        whole = len(data) - len(data) % self._frame
+        for at in range(0, whole, self._frame):
+            events += self._step(data[at : at + self._frame])
+        self._pending = data[whole:]
+        return events
+
+    def flush(self, total_samples: int) -> list[Event]:
+        """End of stream at `total_samples`: close the open utterance, if any."""
+        if self._open is None:
+            return []
+        u = self._open
+        end = min(total_samples, u.speech_end + self.config.samples(self.config.postroll_ms))
+        return [self._close(Utterance(u.audio_start, u.speech_start, u.speech_end, end))]
+
+    def _step(self, frame: np.ndarray) -> list[Event]:
+        # The VAD calls its first frames speech while it learns the line's
+        # noise, so nothing it says during the warm-up counts.
+        warm = self.position >= self.config.samples(self.config.warmup_ms)
+        speech = bool(self._vad.is_speech(frame.tobytes())) and warm
+        self.position += len(frame)
+        self._energy.append(float(np.mean(frame.astype(np.float32) ** 2)))
+        if self._open is None:
+            self._run = self._run + 1 if speech else 0
+            if self._run * self._frame >= self.config.samples(self.config.start_ms):
+                return [self._begin(self.position - self._run * self._frame)]
+            return []
+        u = self._open
+        if speech:
+            u = self._open = Utterance(u.audio_start, u.speech_start, self.position, self.position)
+        else:
+            u = self._open = Utterance(u.audio_start, u.speech_start, u.speech_end, self.position)
+        if self.position - u.speech_end >= self.config.samples(self.config.end_ms):
+            end = u.speech_end + self.config.samples(self.config.postroll_ms)
+            return [self._close(Utterance(u.audio_start, u.speech_start, u.speech_end, end))]
+        if self.position - u.audio_start >= self.config.samples(self.config.max_ms):
+            return self._cut(u)
+        return []
+
+    def _begin(self, speech_start: int, *, preroll: bool = True) -> Opened:
+        reach = self.config.samples(self.config.preroll_ms) if preroll else 0
+        start = max(self._last_end, speech_start - reach)
+        self._open = Utterance(start, speech_start, self.position, self.position)
+        self._run = 0
+        return Opened(self._open)
+
+    def _close(self, utterance: Utterance, *, forced: bool = False) -> Closed:
+        self._open = None
+        self._last_end = utterance.audio_end
+        return Closed(utterance, forced)
+
+    def _cut(self, u: Utterance) -> list[Event]:
+        """Split an over-long utterance at its quietest point in the second half."""
+        smoothed = np.convolve(np.asarray(self._energy), np.ones(3) / 3, mode="same")
+        first_frame = self.position // self._frame - len(smoothed)  # frame index of [0]
+        halfway = (u.audio_start + u.audio_end) // 2
+        lo = max(0, -(-halfway // self._frame) - first_frame)
+        quietest = lo + int(np.argmin(smoothed[lo:]))
+        cut = (first_frame + quietest + 1) * self._frame
+        head = Utterance(u.audio_start, u.speech_start, min(u.speech_end, cut), cut)
+        return [self._close(head, forced=True), self._begin(cut, preroll=False)]

@@ -1,0 +1,275 @@
+"""The offline speech engine: Moonshine base-en on ONNX Runtime, no network.
+
+Per stream: 8 kHz PCM is endpointed into utterances (`callstream.asr.endpointer`)
+and upsampled to 16 kHz by a stateful soxr resampler; `poll()` decodes each
+closed utterance into a final and, while one is open, re-decodes it now and
+then for a partial. Partials are spaced by 0.6 s of audio at first and by half
+the utterance's length later, so the cost of re-decoding stays a small
+multiple of the final's. Moonshine gives no word timings, so `words` is empty.
+
+`send()` only queues bytes; all work happens in `poll()` and `close()`, which
+are synchronous (the transcriber runs streams in a thread pool). One model is
+loaded per process and shared by every stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from callstream.asr.base import SAMPLE_RATE, Hypothesis
+from callstream.asr.endpointer import Closed, Endpointer, EndpointerConfig, Opened, Utterance
+from callstream.asr.moonshine import SAMPLE_RATE as MODEL_RATE
+from callstream.asr.moonshine import MoonshineModel
+
+log = logging.getLogger(__name__)
+
+ENGINE_NAME = "offline-moonshine-base-en"
+SUPPORTED_LANGUAGE = "en"
+_UPSAMPLE = MODEL_RATE // SAMPLE_RATE
+_FIRST_PARTIAL_S = 0.6
+_PARTIAL_BACKOFF = 0.5  # next partial after max(0.6 s, this x the utterance so far)
+
+_models: dict[tuple[Path | None, int], MoonshineModel] = {}
+_models_lock = threading.Lock()
+
+
+def shared_model(model_dir: Path | None = None, threads: int = 1) -> MoonshineModel:
+    """The process's one model for these settings, loaded on first use."""
+    key = (model_dir.resolve() if model_dir else None, threads)
+    with _models_lock:
+        if key not in _models:
+            _models[key] = MoonshineModel(model_dir, threads)
+        return _models[key]
+
+
+def check_language(language: str) -> None:
+    """Accept English in any region ("en", "en-US", "en_GB"); else a ValueError."""
+    if re.split(r"[-_]", language.strip(), maxsplit=1)[0].lower() != SUPPORTED_LANGUAGE:
+        raise ValueError(
+            f"the offline engine ({ENGINE_NAME}) recognises English only "
+            f"(language 'en' or 'en-*', e.g. 'en-US'); got {language!r}"
+        )
+
+
+class OfflineEngine:
+    """Opens offline recognition streams that share one Moonshine model."""
+
+    name = ENGINE_NAME
+
+    def __init__(
+        self,
+        model_dir: Path | None = None,
+        partials: bool = True,
+        threads: int = 1,
+        endpointer: EndpointerConfig | None = None,
+    ) -> None:
+        self.model = shared_model(model_dir, threads)
+        self.partials = partials
+        self.endpointer = endpointer or EndpointerConfig()
+
+    def open_stream(self, *, contact_id: str, track: str, language: str) -> OfflineStream:
+        """Start recognising one track of one call (English only)."""
+        check_language(language)
+        return OfflineStream(self.model, contact_id, track, self.partials, self.endpointer)
+
+
+@dataclass
+class _OpenUtterance:
+    """Partial-decoding state of the utterance in progress."""
+
+    result_id: str
+    next_partial: int  # utterance length (8 kHz samples) that triggers the next partial
+    last_text: str = ""
+    last_tokens: tuple[int, ...] = ()
+    decoded_speech_end: int = -1
+
+
+@dataclass(frozen=True)
+class _PendingFinal:
+    result_id: str
+    utterance: Utterance
+    had_partials: bool
+
+
+class _Audio:
+    """16 kHz samples of a stream, addressed by absolute index, old ones dropped."""
+
+    def __init__(self) -> None:
+        self.start = 0
+        self.samples = np.zeros(0, np.float32)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.samples)
+
+    def append(self, samples: np.ndarray) -> None:
+        if len(samples):
+            self.samples = np.concatenate([self.samples, samples])
+
+    def slice(self, start: int, end: int) -> np.ndarray:
+        return self.samples[max(0, start - self.start) : max(0, end - self.start)]
+
+    def drop_before(self, index: int) -> None:
+        index = min(index, self.end)  # never past what the resampler has delivered
+        if index > self.start:
+            self.samples = self.samples[index - self.start :]
+            self.start = index
+
+
+class OfflineStream:
+    """One track's recognition: queue audio with send(), collect hypotheses with poll()."""
+
+    def __init__(
+        self,
+        model: MoonshineModel,
+        contact_id: str,
+        track: str,
+        partials: bool,
+        config: EndpointerConfig,
+    ) -> None:
+        self.contact_id = contact_id
+        self.track = track
+        self._model = model
+        self._partials = partials
+        self._endpointer = Endpointer(config)
+        self._resampler = soxr.ResampleStream(SAMPLE_RATE, MODEL_RATE, 1, dtype="float32")
+        self._audio = _Audio()
+        self._inbox: list[bytes] = []
+        self._inbox_lock = threading.Lock()
+        self._work_lock = threading.Lock()
+        self._odd_byte = b""
+        self._received = 0  # 8 kHz samples ingested
+        self._open: _OpenUtterance | None = None
+        self._finals: list[_PendingFinal] = []
+        self._closed = False
+
+    def send(self, pcm: bytes) -> None:
+        """Queue 8 kHz s16le mono PCM; cheap, never decodes."""
+        if self._closed:
+            raise RuntimeError(f"send() on a closed stream ({self.contact_id} {self.track})")
+        with self._inbox_lock:
+            self._inbox.append(bytes(pcm))
+
+    def poll(self) -> list[Hypothesis]:
+        """Decode what is ready: finals of closed utterances, maybe a partial."""
+        with self._work_lock:
+            if self._closed:
+                return []
+            self._ingest(last=False)
+            out = self._decode_finals()
+            if self._partials and self._open is not None:
+                out += self._decode_partial(self._open)
+            self._trim()
+            return out
+
+    def close(self) -> list[Hypothesis]:
+        """End of audio: close the open utterance and return every remaining final."""
+        with self._work_lock:
+            if self._closed:
+                return []
+            self._ingest(last=True)
+            self._closed = True
+            return self._decode_finals()
+
+    def _ingest(self, *, last: bool) -> None:
+        """Move queued bytes through the endpointer and the resampler."""
+        with self._inbox_lock:
+            data, self._inbox = self._odd_byte + b"".join(self._inbox), []
+        cut = len(data) - len(data) % 2
+        data, self._odd_byte = data[:cut], data[cut:]
+        samples = np.frombuffer(data, "<i2")
+        self._received += len(samples)
+        events = self._endpointer.push(samples)
+        if last:
+            events += self._endpointer.flush(self._received)
+        as_float = samples.astype(np.float32) / 32768.0
+        self._audio.append(self._resampler.resample_chunk(as_float, last=last))
+        for event in events:
+            self._on_event(event)
+
+    def _on_event(self, event: Opened | Closed) -> None:
+        u = event.utterance
+        # Derived from the audio offset, so a replay yields the same ids.
+        result_id = f"{self.contact_id}:{self.track}:{u.speech_start * 1000 // SAMPLE_RATE}"
+        if isinstance(event, Opened):
+            self._open = _OpenUtterance(result_id, int(_FIRST_PARTIAL_S * SAMPLE_RATE))
+            return
+        had_partials = self._open is not None and bool(self._open.last_text)
+        self._finals.append(_PendingFinal(result_id, u, had_partials))
+        self._open = None
+
+    def _decode_finals(self) -> list[Hypothesis]:
+        out: list[Hypothesis] = []
+        # A final waits until the resampler has delivered all of its audio, so
+        # it is decoded from the same samples however the audio was chunked.
+        while self._finals and self._audio.end >= self._finals[0].utterance.audio_end * _UPSAMPLE:
+            pending = self._finals.pop(0)
+            text = self._recognise(pending.utterance.audio_start, pending.utterance.audio_end)
+            if text or pending.had_partials:  # an empty final retires shown partials
+                out.append(self._hypothesis(pending.result_id, pending.utterance, text, False))
+        return out
+
+    def _decode_partial(self, state: _OpenUtterance) -> list[Hypothesis]:
+        u = self._endpointer.open_utterance
+        if u is None or u.speech_end == state.decoded_speech_end:
+            return []  # nothing open, or no new speech since the last partial
+        available = min(u.audio_end, self._audio.end // _UPSAMPLE)
+        length = available - u.audio_start
+        if length < state.next_partial:
+            return []
+        step = max(int(_FIRST_PARTIAL_S * SAMPLE_RATE), int(_PARTIAL_BACKOFF * length))
+        state.next_partial = length + step
+        state.decoded_speech_end = u.speech_end
+        audio = self._audio.slice(u.audio_start * _UPSAMPLE, available * _UPSAMPLE)
+        result = self._model.transcribe(audio, draft=state.last_tokens)
+        state.last_tokens = result.tokens
+        text = tidy(result.text)
+        if not text or text == state.last_text:
+            return []
+        state.last_text = text
+        return [self._hypothesis(state.result_id, u, text, True)]
+
+    def _recognise(self, start: int, end: int) -> str:
+        """Transcript of the 8 kHz sample range [start, end), tidied.
+
+        Finals take no draft: decoded from the audio alone, they are the same
+        however the audio was chunked and whenever partials were taken.
+        """
+        audio = self._audio.slice(start * _UPSAMPLE, end * _UPSAMPLE)
+        return tidy(self._model.transcribe(audio).text)
+
+    def _hypothesis(self, result_id: str, u: Utterance, text: str, partial: bool) -> Hypothesis:
+        return Hypothesis(
+            result_id=result_id,
+            start_ms=u.speech_start * 1000 // SAMPLE_RATE,
+            end_ms=u.speech_end * 1000 // SAMPLE_RATE,
+            text=text,
+            is_partial=partial,
+        )
+
+    def _trim(self) -> None:
+        """Forget audio no pending or future utterance can reach back to."""
+        keep = self._endpointer.reach_back()
+        if self._finals:
+            keep = min(keep, self._finals[0].utterance.audio_start)
+        self._audio.drop_before(max(0, keep) * _UPSAMPLE)
+
+
+# A phrase of 1-4 words said four or more times in a row: a decoding loop.
+_REPEAT = re.compile(r"\b((?:\S+\s+){0,3}?\S+?)(?:[\s,.;!?-]+\1\b){3,}", re.IGNORECASE)
+
+
+def tidy(text: str) -> str:
+    """Guard against non-speech output: text without a letter or digit is
+    dropped, and a decoding loop (a phrase four or more times) is kept once."""
+    text = " ".join(text.split())
+    if not any(ch.isalnum() for ch in text):
+        return ""
+    return _REPEAT.sub(r"\1", text)
