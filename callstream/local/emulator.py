@@ -75,6 +75,7 @@ class Emulator:
         get_media_idle_timeout: float = 1.0,
         quiet: bool = True,
     ) -> None:
+        host = "127.0.0.1" if host == "localhost" else host
         if not ipaddress.ip_address(host).is_loopback:
             raise ValueError(f"the emulator binds loopback addresses only, got {host!r}")
         self.host = host

@@ -185,7 +185,7 @@ class _ResponseReader:
     def _run(self) -> None:
         try:
             while not self.complete and not self._stop.is_set():
-                if not _readable(self._sock, 0.05):
+                if not _readable(self._sock, 0.02):
                     continue
                 with self._turns:
                     data = _recv(self._sock)

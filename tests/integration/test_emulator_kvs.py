@@ -401,6 +401,19 @@ def test_tags_between_clusters_of_one_segment_trail_the_earlier_cluster(
     assert [n for n, _ in docs[0].tags()].count("ContactId") == 3
 
 
+@pytest.mark.parametrize("size", [1, 7, 1000])
+def test_fragments_split_correctly_whatever_the_http_chunk_boundaries(
+    kvs_stream: KvsStream, size: int
+) -> None:
+    produced = connect_stream(2, unknown_size=size == 7)
+    data = b"".join(produced.chunks)
+    acks = kvs_stream.put(data[i : i + size] for i in range(0, len(data), size))
+    docs = kvs_stream.get_media({"StartSelectorType": "EARLIEST"})
+    assert [doc.number for doc in docs] == persisted_numbers(acks)
+    assert [doc.cluster for doc in docs] == produced.clusters
+    assert docs[1].tag("TrailingMarker") == "1"
+
+
 def test_unknown_size_clusters_come_back_unchanged(kvs_stream: KvsStream) -> None:
     produced = connect_stream(3, unknown_size=True)
     kvs_stream.put(produced.chunks)
