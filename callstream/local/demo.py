@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -184,10 +185,21 @@ def run_demo(
         out.write(
             f"services: ingest, transcriber, recorder, persister (logs in {workdir / 'logs'})\n"
         )
+        contact_id = str(uuid.uuid4())
+        failures: list[BaseException] = []
+
+        def play() -> None:
+            try:
+                play_sample_call(env, speed=speed, contact_id=contact_id)
+            except BaseException as e:  # reported below; the watch then times out
+                failures.append(e)
+                out.write(f"the call simulator failed: {e!r}\n")
+
+        player = threading.Thread(target=play, name="connect-simulator", daemon=True)
+        out.write(f"call {contact_id}: playing the sample call into KVS...\n\n")
         try:
-            contact_id = play_sample_call(env, speed=speed)
-            out.write(f"call {contact_id} played; waiting for the last segments...\n")
-            outcome = watch_call(env, contact_id, timeout_s=120, on_segment=print_segment(out))
+            player.start()
+            outcome = watch_call(env, contact_id, timeout_s=180, on_segment=print_segment(out))
         finally:
             group.stop()
         return _report(outcome, names, out)
