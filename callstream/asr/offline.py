@@ -25,8 +25,9 @@ import soxr
 
 from callstream.asr.base import SAMPLE_RATE, Hypothesis
 from callstream.asr.endpointer import Closed, Endpointer, EndpointerConfig, Opened, Utterance
+from callstream.asr.errors import FatalSpeechError
 from callstream.asr.moonshine import SAMPLE_RATE as MODEL_RATE
-from callstream.asr.moonshine import MoonshineModel
+from callstream.asr.moonshine import MoonshineModel, Transcript
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ SUPPORTED_LANGUAGE = "en"
 _UPSAMPLE = MODEL_RATE // SAMPLE_RATE
 _FIRST_PARTIAL_S = 0.6
 _PARTIAL_BACKOFF = 0.5  # next partial after max(0.6 s, this x the utterance so far)
+# Past this much trailing silence the final is near: a partial would only delay it.
+_NO_PARTIAL_AFTER_SILENCE_S = 0.3
 
 _models: dict[tuple[Path | None, int], MoonshineModel] = {}
 _models_lock = threading.Lock()
@@ -149,6 +152,7 @@ class OfflineStream:
         self._open: _OpenUtterance | None = None
         self._finals: list[_PendingFinal] = []
         self._closed = False
+        self._failure: FatalSpeechError | None = None
 
     def send(self, pcm: bytes) -> None:
         """Queue 8 kHz s16le mono PCM; cheap, never decodes."""
@@ -162,10 +166,8 @@ class OfflineStream:
         with self._work_lock:
             if self._closed:
                 return []
-            self._ingest(last=False)
-            out = self._decode_finals()
-            if self._partials and self._open is not None:
-                out += self._decode_partial(self._open)
+            out: list[Hypothesis] = []
+            self._guarded(out, last=False)
             self._trim()
             return out
 
@@ -174,9 +176,23 @@ class OfflineStream:
         with self._work_lock:
             if self._closed:
                 return []
-            self._ingest(last=True)
+            out: list[Hypothesis] = []
+            self._guarded(out, last=True)
             self._closed = True
-            return self._decode_finals()
+            return out
+
+    def _guarded(self, out: list[Hypothesis], *, last: bool) -> None:
+        """Ingest and decode into `out`; a decoding failure fails the stream for good."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            self._ingest(last=last)
+            self._decode_finals(out)
+            if self._partials and self._open is not None and not last:
+                out += self._decode_partial(self._open)
+        except FatalSpeechError as error:
+            self._failure = FatalSpeechError(str(error), code=error.code)
+            raise FatalSpeechError(str(error), code=error.code, hypotheses=tuple(out)) from error
 
     def _ingest(self, *, last: bool) -> None:
         """Move queued bytes through the endpointer and the resampler."""
@@ -205,8 +221,7 @@ class OfflineStream:
         self._finals.append(_PendingFinal(result_id, u, had_partials))
         self._open = None
 
-    def _decode_finals(self) -> list[Hypothesis]:
-        out: list[Hypothesis] = []
+    def _decode_finals(self, out: list[Hypothesis]) -> None:
         # A final waits until the resampler has delivered all of its audio, so
         # it is decoded from the same samples however the audio was chunked.
         while self._finals and self._audio.end >= self._finals[0].utterance.audio_end * _UPSAMPLE:
@@ -214,12 +229,13 @@ class OfflineStream:
             text = self._recognise(pending.utterance.audio_start, pending.utterance.audio_end)
             if text or pending.had_partials:  # an empty final retires shown partials
                 out.append(self._hypothesis(pending.result_id, pending.utterance, text, False))
-        return out
 
     def _decode_partial(self, state: _OpenUtterance) -> list[Hypothesis]:
         u = self._endpointer.open_utterance
         if u is None or u.speech_end == state.decoded_speech_end:
             return []  # nothing open, or no new speech since the last partial
+        if u.audio_end - u.speech_end >= _NO_PARTIAL_AFTER_SILENCE_S * SAMPLE_RATE:
+            return []
         available = min(u.audio_end, self._audio.end // _UPSAMPLE)
         length = available - u.audio_start
         if length < state.next_partial:
@@ -227,8 +243,7 @@ class OfflineStream:
         step = max(int(_FIRST_PARTIAL_S * SAMPLE_RATE), int(_PARTIAL_BACKOFF * length))
         state.next_partial = length + step
         state.decoded_speech_end = u.speech_end
-        audio = self._audio.slice(u.audio_start * _UPSAMPLE, available * _UPSAMPLE)
-        result = self._model.transcribe(audio, draft=state.last_tokens)
+        result = self._transcribe(u.audio_start, available, draft=state.last_tokens)
         state.last_tokens = result.tokens
         text = tidy(result.text)
         if not text or text == state.last_text:
@@ -242,8 +257,18 @@ class OfflineStream:
         Finals take no draft: decoded from the audio alone, they are the same
         however the audio was chunked and whenever partials were taken.
         """
+        return tidy(self._transcribe(start, end).text)
+
+    def _transcribe(self, start: int, end: int, draft: tuple[int, ...] = ()) -> Transcript:
         audio = self._audio.slice(start * _UPSAMPLE, end * _UPSAMPLE)
-        return tidy(self._model.transcribe(audio).text)
+        try:
+            return self._model.transcribe(audio, draft=draft)
+        except Exception as error:  # onnxruntime's errors derive from Exception only
+            message = (
+                f"Moonshine decoding failed on {self.contact_id} {self.track} "
+                f"(samples {start}-{end}): {error}"
+            )
+            raise FatalSpeechError(message, code=type(error).__name__) from error
 
     def _hypothesis(self, result_id: str, u: Utterance, text: str, partial: bool) -> Hypothesis:
         return Hypothesis(

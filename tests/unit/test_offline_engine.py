@@ -18,8 +18,9 @@ import pytest
 
 from callstream.asr.base import Hypothesis
 from callstream.asr.endpointer import Closed, Endpointer, EndpointerConfig, Opened
+from callstream.asr.errors import FatalSpeechError
 from callstream.asr.moonshine import ModelNotFoundError, Tokenizer, find_model_dir
-from callstream.asr.offline import OfflineEngine, tidy
+from callstream.asr.offline import OfflineEngine, OfflineStream, tidy
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "call"
 TRACK_FILES = {"AUDIO_TO_CUSTOMER": "agent.wav", "AUDIO_FROM_CUSTOMER": "customer.wav"}
@@ -170,3 +171,24 @@ def test_endpointer_cuts_an_over_long_utterance_at_a_quiet_point() -> None:
     for cut in forced:  # the next utterance starts exactly at the cut
         after = [e for e in events if isinstance(e, Opened)]
         assert any(o.utterance.audio_start == cut.utterance.audio_end for o in after)
+
+
+class _BrokenModel:
+    def transcribe(self, audio: np.ndarray, draft: tuple[int, ...] = ()) -> None:
+        raise RuntimeError("boom")
+
+
+def test_a_decoding_failure_is_a_fatal_speech_error_and_stays_failed() -> None:
+    stream = OfflineStream(
+        _BrokenModel(),  # type: ignore[arg-type]
+        "call-1",
+        "AUDIO_TO_CUSTOMER",
+        partials=False,
+        config=EndpointerConfig(),
+    )
+    stream.send(read_pcm("agent.wav")[: 5 * CHUNK_1S])
+    with pytest.raises(FatalSpeechError, match="boom") as failure:
+        stream.close()
+    assert failure.value.code == "RuntimeError"
+    with pytest.raises(FatalSpeechError):
+        stream.poll()

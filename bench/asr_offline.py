@@ -1,0 +1,246 @@
+"""Benchmark of the offline speech engine (Moonshine base-en on onnxruntime).
+
+Stand-alone: ``.venv/bin/python bench/asr_offline.py`` (about 5 minutes).
+Prints, on this machine:
+
+- WER on the sample call and on the utterance set (normalisation: lowercase,
+  hyphens to spaces, other punctuation dropped, whitespace collapsed);
+- real-time factor per stream on one core (CPU seconds of the polling thread
+  per second of audio; onnxruntime runs single-threaded), finals only and
+  with partials, audio fed in 20 ms pieces with a poll after each;
+- latencies when one call (two tracks) is fed at real-time pace: first
+  partial after speech start, final after speech end (p50, p90);
+- how many tracks one process keeps up with in real time: estimated from the
+  RTF, then measured by feeding N staggered streams at real-time pace through
+  a thread pool of one worker per core (sustained = every stream finishes
+  within 2 s of its audio ending and final latency p90 stays under 3 s);
+- peak resident memory.
+
+The machine is shared: the load average is printed so numbers can be judged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import time
+import wave
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jiwer
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from callstream.asr.base import Hypothesis  # noqa: E402
+from callstream.asr.offline import OfflineEngine, OfflineStream  # noqa: E402
+
+SAMPLES = ROOT / "samples"
+BYTES_PER_SECOND = 16000
+CHUNK = 320  # 20 ms
+TRACKS = {"AUDIO_TO_CUSTOMER": "agent.wav", "AUDIO_FROM_CUSTOMER": "customer.wav"}
+
+
+def normalise(text: str) -> str:
+    """Lowercase, hyphens to spaces, punctuation dropped, whitespace collapsed."""
+    text = re.sub(r"[^\w\s']|'(?!\w)", " ", text.lower().replace("-", " "))
+    return " ".join(text.split())
+
+
+def read_pcm(path: Path) -> bytes:
+    with wave.open(str(path)) as w:
+        return w.readframes(w.getnframes())
+
+
+def run_stream(stream: OfflineStream, pcm: bytes) -> list[Hypothesis]:
+    """Feed as fast as possible in 20 ms pieces, polling after each."""
+    out: list[Hypothesis] = []
+    for at in range(0, len(pcm), CHUNK):
+        stream.send(pcm[at : at + CHUNK])
+        out += stream.poll()
+    return out + stream.close()
+
+
+def measure_rtf(engine: OfflineEngine, call: dict[str, bytes]) -> tuple[float, dict[str, str]]:
+    """CPU-time RTF over both call tracks, and each track's finals as text."""
+    cpu = 0.0
+    texts: dict[str, str] = {}
+    for track, pcm in call.items():
+        stream = engine.open_stream(contact_id="bench", track=track, language="en-US")
+        start = time.thread_time()
+        hyps = run_stream(stream, pcm)
+        cpu += time.thread_time() - start
+        texts[track] = " ".join(h.text for h in hyps if not h.is_partial)
+    audio = sum(len(p) for p in call.values()) / BYTES_PER_SECOND
+    return cpu / audio, texts
+
+
+def call_wer(texts: dict[str, str]) -> float:
+    reference = json.loads((SAMPLES / "call" / "reference.json").read_text())
+    truth = [normalise(" ".join(r["text"] for r in reference if r["track"] == t)) for t in TRACKS]
+    return jiwer.wer(truth, [normalise(texts[t]) for t in TRACKS])
+
+
+def utterance_wer(engine: OfflineEngine) -> tuple[float, int]:
+    listing = json.loads((SAMPLES / "utterances" / "transcripts.json").read_text())
+    truth, heard = [], []
+    for item in listing:
+        stream = engine.open_stream(contact_id="bench", track="utt", language="en")
+        hyps = run_stream(stream, read_pcm(SAMPLES / "utterances" / item["file"]))
+        truth.append(normalise(item["text"]))
+        heard.append(normalise(" ".join(h.text for h in hyps if not h.is_partial)))
+    return jiwer.wer(truth, heard), len(listing)
+
+
+@dataclass
+class Feed:
+    """One paced stream: its audio, when it starts, and what came back when."""
+
+    stream: OfflineStream
+    pcm: bytes
+    delay: float
+    sent: int = 0
+    job: Future[list[Hypothesis]] | None = None
+    closing: bool = False
+    finished_at: float | None = None
+    results: list[tuple[float, Hypothesis]] = field(default_factory=list)
+
+
+def _service(feed: Feed, pool: ThreadPoolExecutor, now: float, origin: float) -> None:
+    """Send the audio now due; collect a finished job; start the next one."""
+    due = min(len(feed.pcm), int((now - origin - feed.delay) * BYTES_PER_SECOND) // 2 * 2)
+    if due > feed.sent:
+        feed.stream.send(feed.pcm[feed.sent : due])
+        feed.sent = due
+    if feed.job is not None and not feed.job.done():
+        return
+    if feed.job is not None:
+        done_at = time.perf_counter()
+        feed.results += [(done_at, h) for h in feed.job.result()]
+        feed.job = None
+        if feed.closing:
+            feed.finished_at = done_at
+            return
+    if feed.sent == len(feed.pcm) and not feed.closing:
+        feed.closing = True
+        feed.job = pool.submit(feed.stream.close)
+    elif feed.sent > 0 and not feed.closing:
+        feed.job = pool.submit(feed.stream.poll)
+
+
+def run_paced(engine: OfflineEngine, tracks: list[tuple[bytes, float]], workers: int) -> list[Feed]:
+    """Feed every (pcm, start delay) at real-time pace in 20 ms ticks until all close."""
+    feeds = [
+        Feed(engine.open_stream(contact_id=f"c{i}", track="t", language="en"), pcm, delay)
+        for i, (pcm, delay) in enumerate(tracks)
+    ]
+    origin = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        tick = 0
+        while any(f.finished_at is None for f in feeds):
+            now = time.perf_counter()
+            for feed in feeds:
+                if feed.finished_at is None:
+                    _service(feed, pool, now, origin)
+            tick += 1
+            time.sleep(max(0.0, origin + tick * 0.02 - time.perf_counter()))
+    for feed in feeds:  # times relative to each stream's own first sample
+        feed.results = [(t - origin - feed.delay, h) for t, h in feed.results]
+        feed.finished_at = (feed.finished_at or 0.0) - origin - feed.delay
+    return feeds
+
+
+@dataclass(frozen=True)
+class Latencies:
+    """Per-utterance latencies in seconds and the worst end-of-audio backlog."""
+
+    first_partial: list[float]
+    final: list[float]
+    backlog: float
+
+
+def latencies(feeds: list[Feed]) -> Latencies:
+    first: dict[tuple[int, str], float] = {}
+    final: list[float] = []
+    for n, feed in enumerate(feeds):
+        for at, hyp in feed.results:
+            if hyp.is_partial:
+                first.setdefault((n, hyp.result_id), at - hyp.start_ms / 1000)
+            elif hyp.text:
+                final.append(at - hyp.end_ms / 1000)
+    backlog = max((f.finished_at or 0.0) - len(f.pcm) / BYTES_PER_SECOND for f in feeds)
+    return Latencies(list(first.values()), final, backlog)
+
+
+def pct(values: list[float], q: float) -> str:
+    return f"{np.percentile(values, q):.2f} s" if values else "n/a"
+
+
+def sustains(engine: OfflineEngine, call: dict[str, bytes], n: int, seconds: float) -> Latencies:
+    """N staggered tracks (alternately agent and customer) of `seconds` each, paced."""
+    pcms = [p[: int(seconds * BYTES_PER_SECOND) // 2 * 2] for p in call.values()]
+    tracks = [(pcms[i % 2], i * 0.37) for i in range(n)]
+    return latencies(run_paced(engine, tracks, os.cpu_count() or 1))
+
+
+def report_capacity(
+    engine: OfflineEngine, call: dict[str, bytes], rtf: float, trials: int, seconds: float
+) -> None:
+    """Estimate from the RTF, then grow N from 60% of the estimate until a run fails."""
+    estimate = max(1, int((os.cpu_count() or 1) / rtf))
+    print(f"measuring capacity with partials, starting from 60% of the {estimate} computed")
+    n, best = max(2, int(estimate * 0.6)), 0
+    for _ in range(trials):
+        lat = sustains(engine, call, n, seconds)
+        ok = lat.backlog < 2.0 and (not lat.final or np.percentile(lat.final, 90) < 3.0)
+        print(
+            f"  measured: {n:3d} paced tracks -> final latency p50 {pct(lat.final, 50)}, "
+            f"p90 {pct(lat.final, 90)}, end backlog {lat.backlog:.2f} s: "
+            f"{'sustained' if ok else 'NOT sustained'}"
+        )
+        if not ok:
+            break
+        best, n = n, int(n * 1.4) + 1
+    verdict = f"{best} live tracks ({best // 2} calls)" if best else f"fewer than {n} tracks"
+    print(f"capacity measured: {verdict} sustained in real time")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Offline engine benchmark")
+    parser.add_argument("--trials", type=int, default=3, help="paced capacity runs")
+    parser.add_argument("--seconds", type=float, default=30.0, help="audio per paced track")
+    args = parser.parse_args()
+    print(f"cores {os.cpu_count()}; load average {os.getloadavg()}")
+    started = time.perf_counter()
+    finals_only = OfflineEngine(partials=False)
+    print(f"model load {time.perf_counter() - started:.1f} s")
+    with_partials = OfflineEngine(partials=True)
+    call = {t: read_pcm(SAMPLES / "call" / name) for t, name in TRACKS.items()}
+    rtf_finals, texts = measure_rtf(finals_only, call)
+    rtf_partials, _ = measure_rtf(with_partials, call)
+    print(f"sample call WER {call_wer(texts):.3f}")
+    wer, count = utterance_wer(finals_only)
+    print(f"utterance set WER {wer:.3f} ({count} utterances)")
+    print(
+        f"RTF per stream, one core: finals only {rtf_finals:.3f}, with partials {rtf_partials:.3f}"
+    )
+    one_call = latencies(run_paced(with_partials, [(p, 0.0) for p in call.values()], 2))
+    print(
+        f"one call paced in real time: first partial after speech start p50 "
+        f"{pct(one_call.first_partial, 50)} (p90 {pct(one_call.first_partial, 90)}); "
+        f"final after speech end p50 {pct(one_call.final, 50)} (p90 {pct(one_call.final, 90)})"
+    )
+    report_capacity(with_partials, call, rtf_partials, args.trials, args.seconds)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"peak RSS {peak:.0f} MB; load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
