@@ -12,7 +12,7 @@ from collections.abc import Iterable
 EBML = 0x1A45DFA3
 EBML_VERSION = 0x4286
 EBML_READ_VERSION = 0x42F7
-EBML_MAX_ID_LENGTH = 0x42F2
+EBML_MAXID_LENGTH = 0x42F2
 EBML_MAX_SIZE_LENGTH = 0x42F3
 DOC_TYPE = 0x4282
 DOC_TYPE_VERSION = 0x4287
@@ -157,7 +157,7 @@ def ebml_header(doc_type: str = "matroska", version: int = 2) -> bytes:
         EBML,
         uint_element(EBML_VERSION, 1)
         + uint_element(EBML_READ_VERSION, 1)
-        + uint_element(EBML_MAX_ID_LENGTH, 4)
+        + uint_element(EBML_MAXID_LENGTH, 4)
         + uint_element(EBML_MAX_SIZE_LENGTH, 8)
         + str_element(DOC_TYPE, doc_type)
         + uint_element(DOC_TYPE_VERSION, version)
@@ -229,3 +229,36 @@ ELEMENT_NAMES: dict[int, str] = {
 def element_name(element_id: int) -> str:
     """A readable name for an element ID, for messages ("element 0x1234" if unknown)."""
     return ELEMENT_NAMES.get(element_id, f"element 0x{element_id:X}")
+
+
+# VINT length by first byte (0: invalid), ID length (IDs are at most 4 bytes),
+# and the value mask of a VINT by its length.
+VINT_LENGTH = bytes([0] + [9 - b.bit_length() for b in range(1, 256)])
+ID_LENGTH = bytes(n if n <= 4 else 0 for n in VINT_LENGTH)
+VINT_MASK = tuple((1 << (7 * n)) - 1 for n in range(9))
+
+
+def read_element_header(buf: bytes | bytearray | memoryview, pos: int) -> tuple[int, int, int]:
+    """Read an element's ID and size at `pos`: (id, size or UNKNOWN_SIZE, header length).
+
+    The same rules as `read_id` then `read_size`, in one table-driven call for
+    hot loops.
+    """
+    try:
+        first = buf[pos]
+        id_length = ID_LENGTH[first]
+        if not id_length:
+            raise InvalidEbml(f"invalid element ID first byte 0x{first:02X} at offset {pos}")
+        p = pos + id_length
+        size_length = VINT_LENGTH[buf[p]]
+    except IndexError:
+        raise NeedMoreData from None
+    if not size_length:
+        raise InvalidEbml(f"invalid size VINT (0x00) at offset {p}")
+    q = p + size_length
+    if q > len(buf):
+        raise NeedMoreData
+    mask = VINT_MASK[size_length]
+    size = int.from_bytes(buf[p:q], "big") & mask
+    eid = first if id_length == 1 else int.from_bytes(buf[pos:p], "big")
+    return eid, (UNKNOWN_SIZE if size == mask else size), q - pos

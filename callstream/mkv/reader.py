@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, fields
+from functools import partial
+from typing import Any, NamedTuple
 
 from callstream.mkv.ebml import (
     AUDIO,
@@ -27,6 +28,7 @@ from callstream.mkv.ebml import (
     CRC32,
     EBML,
     EBML_VERSION,
+    ID_LENGTH,
     INFO,
     NAME,
     REFERENCE_BLOCK,
@@ -48,10 +50,13 @@ from callstream.mkv.ebml import (
     TRACK_UID,
     TRACKS,
     UNKNOWN_SIZE,
+    VINT_LENGTH,
+    VINT_MASK,
     VOID,
     InvalidEbml,
     NeedMoreData,
     element_name,
+    read_element_header,
     read_id,
     read_size,
 )
@@ -83,6 +88,12 @@ _CLOSES_UNKNOWN: dict[int, frozenset[int]] = {
     CLUSTER: SEGMENT_CHILDREN | TOP_LEVEL,
     SEGMENT: TOP_LEVEL,
 }
+# Small masters are walked once wholly buffered, which is faster than streaming
+# them element by element; larger ones (Tracks with big CodecPrivate) stream.
+_BATCHED = frozenset({INFO, TRACKS, TAGS})
+_BATCH_LIMIT = 64 * 1024
+_CACHE_MAX_BYTES = 4096
+_CACHE_ENTRIES = 512
 _LACING_MASK = 0x06
 _XIPH_LACING = 0x02
 _FIXED_LACING = 0x04
@@ -118,7 +129,61 @@ class _TrackBuilder:
     channels: int | None = None
 
 
-def _text(raw: bytes | bytearray) -> str:
+def _slot_setters(cls: type) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slot setters of a frozen slots dataclass, in field order.
+
+    Filling the slots directly makes the same object as cls(...), whose frozen
+    __init__ goes through object.__setattr__ per field: for the events made per
+    block or per tag, that costs more than the decoding itself.
+    """
+    return tuple(getattr(cls, f.name).__set__ for f in fields(cls))
+
+
+_FRAME_SETTERS = _slot_setters(FrameRead)
+_SET_TAGS, _SET_TAGS_OFFSET = _slot_setters(TagsRead)
+# A SimpleBlock's element header and block header, as KVS writes them: ID A3,
+# 8-byte size, 1-byte track number, signed 16-bit timecode, flags.
+_KVS_BLOCK = struct.Struct(">BQBhB").unpack_from
+_SHORT_BLOCK = struct.Struct(">BBBhB").unpack_from
+_MEDIUM_BLOCK = struct.Struct(">BHBhB").unpack_from
+_BLOCK_HEAD_MAX = 13
+_SIZE_8 = (1 << 56) - 1
+
+
+def _other_block_head(buf: bytearray, pos: int) -> tuple[int, int, int, int, int] | None:
+    """(size, body index, track byte, timecode, flags) for a 1- or 2-byte size; else None."""
+    first = buf[pos + 1]
+    if 0x80 <= first < 0xFF:
+        _, size, track, relative, flags = _SHORT_BLOCK(buf, pos)
+        return size & 0x7F, pos + 2, track, relative, flags
+    if 0x40 <= first < 0x80:
+        _, size, track, relative, flags = _MEDIUM_BLOCK(buf, pos)
+        size &= 0x3FFF
+        return None if size == 0x3FFF else (size, pos + 3, track, relative, flags)
+    return None
+
+
+def _frame_factory() -> Callable[[int, str | None, int, bool, bytes], FrameRead]:
+    """A FrameRead constructor that fills the slots directly (see _FRAME_SETTERS)."""
+    new = object.__new__
+    set_track, set_name, set_time, set_key, set_data = _FRAME_SETTERS
+
+    def make(track: int, name: str | None, timecode_ms: int, key: bool, data: bytes) -> FrameRead:
+        frame = new(FrameRead)
+        set_track(frame, track)
+        set_name(frame, name)
+        set_time(frame, timecode_ms)
+        set_key(frame, key)
+        set_data(frame, data)
+        return frame
+
+    return make
+
+
+_new_frame = _frame_factory()
+
+
+def _text(raw: bytes | bytearray | memoryview) -> str:
     """A Matroska string; KVS pads some with NULs, which are not part of the value."""
     return bytes(raw).rstrip(b"\x00").decode("utf-8", errors="replace")
 
@@ -143,6 +208,82 @@ def _verified_header_at(buf: bytearray, index: int) -> bool | None:
     except InvalidEbml:
         return False
     return 0 < child_size <= 8 and child_size < size
+
+
+def _child_header(view: bytes | memoryview, pos: int, b: int, base: int) -> tuple[int, int, int]:
+    """Header of the child at `pos` of a wholly buffered master ending at `b`.
+
+    `view` ends where the buffered element ends, so a header cut by that end is
+    reported the same way whatever was fed after it. Decoded inline (same rules
+    as `read_element_header`): tags are the most numerous elements after blocks.
+    """
+    try:
+        first = view[pos]
+        id_length = ID_LENGTH[first]
+        p = pos + id_length
+        size_length = VINT_LENGTH[view[p]]
+    except IndexError:
+        start = base + pos
+        raise _Corrupt(start, f"element header at offset {start} overruns its parent") from None
+    q = p + size_length
+    if not id_length or not size_length or q > len(view):
+        start = base + pos
+        if id_length and size_length:
+            raise _Corrupt(start, f"element header at offset {start} overruns its parent")
+        raise _Corrupt(start, f"invalid element header at offset {start}")
+    mask = VINT_MASK[size_length]
+    size = int.from_bytes(view[p:q], "big") & mask
+    eid = first if id_length == 1 else int.from_bytes(view[pos:p], "big")
+    if size == mask or q + size > b:
+        start = base + pos
+        raise _Corrupt(start, f"{element_name(eid)} at offset {start} overruns its parent")
+    return eid, size, q - pos
+
+
+def _collect_tags(
+    view: bytes | memoryview, a: int, b: int, base: int
+) -> tuple[tuple[str, str], ...]:
+    """(name, value) of every SimpleTag in the Tags payload view[a:b], parents first.
+
+    The same result as streaming through Tag/SimpleTag/TagName/TagString one
+    element at a time, without the per-element dispatch.
+    """
+    out: list[tuple[str, str] | None] = []
+    pos = a
+    while pos < b:
+        eid, size, header_len = _child_header(view, pos, b, base)
+        if eid == TAG:
+            tag_pos, tag_end = pos + header_len, pos + header_len + size
+            while tag_pos < tag_end:
+                child, child_size, child_len = _child_header(view, tag_pos, tag_end, base)
+                body = tag_pos + child_len
+                if child == SIMPLE_TAG:
+                    _collect_simple_tag(view, body, body + child_size, base, out)
+                tag_pos = body + child_size
+        pos += header_len + size
+    return tuple(pair for pair in out if pair is not None)
+
+
+def _collect_simple_tag(
+    view: bytes | memoryview, a: int, b: int, base: int, out: list[tuple[str, str] | None]
+) -> None:
+    index = len(out)
+    out.append(None)  # keeps this tag before the nested ones it holds
+    name: str | None = None
+    value = ""
+    pos = a
+    while pos < b:
+        eid, size, header_len = _child_header(view, pos, b, base)
+        body = pos + header_len
+        if eid == TAG_NAME:
+            name = bytes(view[body : body + size]).rstrip(b"\0").decode("utf-8", "replace")
+        elif eid == TAG_STRING:
+            value = bytes(view[body : body + size]).rstrip(b"\0").decode("utf-8", "replace")
+        elif eid == SIMPLE_TAG:
+            _collect_simple_tag(view, body, body + size, base, out)
+        pos = body + size
+    if name is not None:
+        out[index] = (name, value)
 
 
 class MkvStreamReader:
@@ -174,6 +315,13 @@ class MkvStreamReader:
         self._track: _TrackBuilder | None = None
         self._tag_pairs: list[list[str | None]] = []
         self._tag_open: list[list[str | None]] = []
+        # What the last Info/Tracks/Tags did, to repeat for identical bytes.
+        self._replay: Callable[[int], None] | None = None
+        self._replays: dict[bytes, Callable[[int], None]] = {}
+        # Which cached element followed which, and the last one replayed.
+        self._successors: dict[bytes, bytes] = {}
+        self._last_raw: bytes | None = None
+        self._last_end = _NO_END
         self._build_tables()
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[MkvEvent]:
@@ -214,41 +362,161 @@ class MkvStreamReader:
                 return
             if self._skip and not self._consume_skip():
                 return
-            self._close_finished()
             try:
-                if not self._step():
+                if not self._run():
                     return
             except _Corrupt as exc:
                 self._fail(exc.offset, exc.reason)
 
-    def _step(self) -> bool:
-        """Read one element header and act on it; False when more bytes are needed."""
-        buf, pos = self._buf, self._pos
-        start = self._base + pos
-        try:
-            eid, id_len = read_id(buf, pos)
-            size, size_len = read_size(buf, pos + id_len)
-        except NeedMoreData:
+    def _run(self) -> bool:
+        """Read elements while the buffer holds them; False when more bytes are needed.
+
+        Runs of plain SimpleBlocks, nearly all of a stream, go through `_scan_blocks`.
+        """
+        buf, stack, base = self._buf, self._stack, self._base
+        while True:
+            pos = self._pos
+            here = base + pos
+            while stack and stack[-1].limit == here:
+                self._pop(here)
+            if stack and stack[-1].element_id == CLUSTER and pos < len(buf) and buf[pos] == 0xA3:
+                self._scan_blocks(stack[-1])
+                if self._pos != pos:
+                    continue
+            try:
+                eid, size, header_len = read_element_header(buf, pos)
+            except NeedMoreData:
+                return False
+            except InvalidEbml:
+                raise _Corrupt(here, f"invalid element ID or size at offset {here}") from None
+            if eid in _BATCHED and self._replay_known(eid, size, header_len):
+                continue
+            if not self._dispatch(eid, size, header_len, here):
+                return False
+            if self._skip:
+                return True
+
+    def _scan_blocks(self, cluster: _Open) -> None:
+        """Emit a run of complete, unlaced SimpleBlocks with one-byte track numbers.
+
+        The short path for nearly every byte of a KVS stream. It stops at anything
+        else (laced, odd-sized, incomplete, or past the Cluster's end), which the
+        general path then reads or reports; both give the same events.
+        """
+        tc = self._cluster_tc
+        if tc is None:
+            return
+        buf, base, pos, n = self._buf, self._base, self._pos, len(self._buf)
+        bound = n if cluster.limit == _NO_END else min(n, cluster.limit - base)
+        stop, max_size, scale = n - _BLOCK_HEAD_MAX, self._max_element_size, self._scale
+        names, append, new = self._track_names, self._events.append, object.__new__
+        set_track, set_name, set_time, set_key, set_data = _FRAME_SETTERS
+        while pos <= stop and pos < bound and buf[pos] == 0xA3:
+            if buf[pos + 1] == 0x01:  # the 8-byte size KVS writes
+                _, size, track, relative, flags = _KVS_BLOCK(buf, pos)
+                size &= _SIZE_8
+                body = pos + 9
+            else:
+                head = _other_block_head(buf, pos)
+                if head is None:
+                    break
+                size, body, track, relative, flags = head
+            end = body + size
+            if end > bound or not 4 <= size <= max_size or not track & 0x80 or flags & 0x06:
+                break
+            track &= 0x7F
+            frame = new(FrameRead)
+            set_track(frame, track)
+            set_name(frame, names.get(track))
+            set_time(
+                frame, tc + relative if scale == 1_000_000 else (tc + relative) * scale // 1_000_000
+            )
+            set_key(frame, flags & 0x80 != 0)
+            set_data(frame, bytes(buf[body + 4 : end]))
+            append(frame)
+            pos = end
+        self._pos = pos
+
+    def _replay_known(self, eid: int, size: int, header_len: int) -> bool:
+        """Repeat a Segment-level Info/Tracks/Tags seen before, byte for byte.
+
+        The same outcome as `_dispatch` then `_read_batched` would reach, without
+        their checks: those bytes passed them already, in the same place.
+        """
+        stack, pos = self._stack, self._pos
+        top = stack[-1] if stack else None
+        end = pos + header_len + size
+        if (
+            top is None
+            or top.element_id != SEGMENT
+            or not 0 <= size <= _CACHE_MAX_BYTES
+            or end > len(self._buf)
+            or _NO_END != top.limit < self._base + end
+        ):
             return False
-        except InvalidEbml:
-            raise _Corrupt(start, f"invalid element ID or size at offset {start}") from None
+        raw = bytes(self._buf[pos:end])
+        replay = self._replays.get(raw)
+        if replay is None:
+            return False
+        self._learn(raw, self._base + pos)
+        replay(self._base + pos)
+        self._pos = end
+        self._follow_chain(raw, top)
+        return True
+
+    def _learn(self, raw: bytes, start: int) -> None:
+        """Note that the cached element `raw` at `start` came right after the last one."""
+        if self._last_end == start and self._last_raw is not None:
+            self._successors[self._last_raw] = raw
+        self._last_raw, self._last_end = raw, start + len(raw)
+
+    def _follow_chain(self, raw: bytes, segment: _Open) -> None:
+        """Replay the cached elements that followed `raw` last time, while the bytes match.
+
+        KVS writes the same run of Tags (ContactId, InstanceId, MimeType, the
+        track tags) in every fragment; one byte comparison per element replaces
+        reading its header and hashing it.
+        """
+        buf, base, pos = self._buf, self._base, self._pos
+        successors, replays, limit = self._successors, self._replays, segment.limit
+        while True:
+            following = successors.get(raw)
+            if following is None or not buf.startswith(following, pos):
+                break
+            end = pos + len(following)
+            replay = replays.get(following)
+            if replay is None or _NO_END != limit < base + end:
+                break
+            replay(base + pos)
+            raw, pos = following, end
+        self._pos = pos
+        self._last_raw, self._last_end = raw, base + pos
+
+    def _dispatch(self, eid: int, size: int, header_len: int, start: int) -> bool:
+        """Act on the element whose header was just read; False when more bytes are needed."""
         parent = self._place(eid, start)
         key = (parent.element_id if parent else None, eid)
-        body = pos + id_len + size_len
-        end = _NO_END if size == UNKNOWN_SIZE else start + id_len + size_len + size
-        self._check_size(eid, start, size, end, parent)
+        end = _NO_END if size == UNKNOWN_SIZE else start + header_len + size
+        if end == _NO_END or (parent is not None and _NO_END != parent.limit < end):
+            self._check_size(eid, start, size, end, parent)
+        body = self._pos + header_len
         if key in self._masters:
+            if end != _NO_END and eid in _BATCHED and size <= _BATCH_LIMIT:
+                return self._read_batched(key, start, body, end)
             self._open(key, start, end, parent)
             self._pos = body
             return True
         leaf = self._leaves.get(key)
         if leaf is None:
-            self._skip_id, self._skip_start, self._skip = eid, start, size
-            self._pos = body
+            if len(self._buf) - body >= size:  # already here: no need to track a skip
+                self._pos = body + size
+            else:
+                self._skip_id, self._skip_start, self._skip = eid, start, size
+                self._pos = body
             return True
         if size > self._max_element_size:
             raise _Corrupt(start, f"{element_name(eid)} at offset {start} claims {size} bytes")
-        if len(buf) - body < size:
+        if len(self._buf) - body < size:
             return False
         leaf(eid, start, body, body + size)
         self._pos = body + size
@@ -271,15 +539,16 @@ class MkvStreamReader:
         return parent
 
     def _check_size(self, eid: int, start: int, size: int, end: int, parent: _Open | None) -> None:
-        name = element_name(eid)
         if end == _NO_END:
             if eid not in _CLOSES_UNKNOWN:
-                raise _Corrupt(start, f"{name} at offset {start} has an unknown size")
+                raise _Corrupt(start, f"{element_name(eid)} at offset {start} has an unknown size")
             return
         limit = parent.limit if parent else _NO_END
         if limit != _NO_END and end > limit:
             raise _Corrupt(
-                start, f"{name} at offset {start} ({size} bytes) overruns its parent's end {limit}"
+                start,
+                f"{element_name(eid)} at offset {start} ({size} bytes) "
+                f"overruns its parent's end {limit}",
             )
 
     def _open(
@@ -295,12 +564,81 @@ class MkvStreamReader:
         opened = self._stack.pop()
         ender = self._ends.get(opened.element_id)
         if ender is not None:
+            self._replay = None
             ender(opened, here)
+            if self._replay is not None:
+                self._replay(opened.start)
+
+    def _read_batched(self, key: tuple[int | None, int], start: int, body: int, end: int) -> bool:
+        """A small Info, Tracks or Tags: wait for all of it, then walk it or replay it.
+
+        KVS repeats the same Tags (ContactId, MimeType, ...) and Tracks in every
+        fragment; their effect is a function of their bytes, so it is cached.
+        """
+        b = end - self._base
+        if len(self._buf) < b:
+            return False
+        raw = bytes(self._buf[start - self._base : b]) if end - start <= _CACHE_MAX_BYTES else b""
+        replay = self._replays.get(raw) if raw else None
+        if replay is None:
+            self._replay = None
+            # The view ends with the element, so nothing past it is ever read.
+            if key[1] == TAGS and raw:
+                pairs = _collect_tags(raw, body - (start - self._base), len(raw), start)
+                self._replay = partial(self._apply_tags, pairs)
+            else:
+                with memoryview(self._buf) as whole, whole[:b] as view:
+                    if key[1] == TAGS:
+                        pairs = _collect_tags(view, body, b, self._base)
+                        self._replay = partial(self._apply_tags, pairs)
+                    else:
+                        self._walk_master(key, start, body, b, view)
+            replay = self._replay
+            if raw and replay is not None:
+                if len(self._replays) >= _CACHE_ENTRIES:
+                    self._replays.clear()
+                    self._successors.clear()
+                self._replays[raw] = replay
+        if replay is not None:
+            if raw:
+                self._learn(raw, start)
+            replay(start)
+        self._pos = b
+        return True
+
+    def _walk_master(
+        self, key: tuple[int | None, int], start: int, a: int, b: int, view: memoryview
+    ) -> None:
+        """Handle a master whose bytes buf[a:b] are all buffered, with its start and end."""
+        opened = _Open(key[1], self._base + b, start, self._base + b)
+        starter = self._masters[key]
+        if starter is not None:
+            starter(start)
+        self._walk(key[1], a, b, view)
+        ender = self._ends.get(key[1])
+        if ender is not None:
+            ender(opened, opened.end)
+
+    def _walk(self, parent_id: int, a: int, b: int, view: memoryview) -> None:
+        base, masters, leaves = self._base, self._masters, self._leaves
+        pos = a
+        while pos < b:
+            eid, size, header_len = _child_header(view, pos, b, base)
+            body = pos + header_len
+            end = body + size
+            key = (parent_id, eid)
+            if key in masters:
+                self._walk_master(key, base + pos, body, end, view)
+            else:
+                leaf = leaves.get(key)
+                if leaf is not None:
+                    leaf(eid, base + pos, body, end)
+            pos = end
 
     def _close_finished(self) -> None:
         here = self._base + self._pos
         stack = self._stack
-        while stack and stack[-1].end == here:
+        while stack and stack[-1].limit == here:
             self._pop(here)
 
     def _consume_skip(self) -> bool:
@@ -391,9 +729,8 @@ class MkvStreamReader:
     def _build_tables(self) -> None:
         """(parent ID, element ID) -> handler; elements not listed are skipped by size."""
         self._masters: dict[tuple[int | None, int], Callable[[int], None] | None] = {
-            (None, EBML): self._start_ebml,
             (None, SEGMENT): self._start_segment,
-            (SEGMENT, INFO): None,
+            (SEGMENT, INFO): self._start_info,
             (SEGMENT, TRACKS): self._start_tracks,
             (TRACKS, TRACK_ENTRY): self._start_track,
             (TRACK_ENTRY, AUDIO): None,
@@ -405,6 +742,7 @@ class MkvStreamReader:
             (CLUSTER, BLOCK_GROUP): self._start_block_group,
         }
         self._ends: dict[int, Callable[[_Open, int], None]] = {
+            INFO: self._end_info,
             TRACKS: self._end_tracks,
             TRACK_ENTRY: self._end_track,
             TAGS: self._end_tags,
@@ -412,6 +750,7 @@ class MkvStreamReader:
             CLUSTER: self._end_cluster,
         }
         self._leaves: dict[tuple[int | None, int], Callable[[int, int, int, int], None]] = {
+            (None, EBML): self._on_ebml_header,
             (INFO, TIMECODE_SCALE): self._on_timecode_scale,
             (TRACK_ENTRY, TRACK_NUMBER): self._on_track_field,
             (TRACK_ENTRY, TRACK_UID): self._on_track_field,
@@ -431,7 +770,8 @@ class MkvStreamReader:
     def _uint(self, a: int, b: int) -> int:
         return int.from_bytes(self._buf[a:b], "big")
 
-    def _start_ebml(self, start: int) -> None:
+    def _on_ebml_header(self, eid: int, start: int, a: int, b: int) -> None:
+        # Nothing in it changes how the Segment reads; only where the fragment starts.
         self._header_offset = start
 
     def _start_segment(self, start: int) -> None:
@@ -465,9 +805,20 @@ class MkvStreamReader:
             )
 
     def _end_tracks(self, opened: _Open, here: int) -> None:
-        tracks = tuple(self._tracks)
+        self._replay = partial(self._apply_tracks, tuple(self._tracks))
+
+    def _apply_tracks(self, tracks: tuple[TrackInfo, ...], start: int) -> None:
         self._track_names = {t.number: t.name for t in tracks}
         self._events.append(TracksRead(tracks))
+
+    def _start_info(self, start: int) -> None:
+        self._scale = DEFAULT_TIMECODE_SCALE_NS
+
+    def _end_info(self, opened: _Open, here: int) -> None:
+        self._replay = partial(self._apply_info, self._scale)
+
+    def _apply_info(self, scale: int, start: int) -> None:
+        self._scale = scale
 
     def _on_track_field(self, eid: int, start: int, a: int, b: int) -> None:
         t = self._track
@@ -521,7 +872,13 @@ class MkvStreamReader:
     def _end_tags(self, opened: _Open, here: int) -> None:
         pairs = tuple((n, v or "") for n, v in self._tag_pairs if n is not None)
         self._tag_pairs = []
-        self._events.append(TagsRead(pairs, opened.start))
+        self._replay = partial(self._apply_tags, pairs)
+
+    def _apply_tags(self, pairs: tuple[tuple[str, str], ...], start: int) -> None:
+        event = object.__new__(TagsRead)
+        _SET_TAGS(event, pairs)
+        _SET_TAGS_OFFSET(event, start)
+        self._events.append(event)
 
     def _start_cluster(self, start: int) -> None:
         self._cluster_start = start
@@ -568,11 +925,11 @@ class MkvStreamReader:
         lacing = flags & _LACING_MASK
         if not lacing:
             self._events.append(
-                FrameRead(track, name, timecode_ms, keyframe, bytes(buf[p + 3 : b]))
+                _new_frame(track, name, timecode_ms, keyframe, bytes(buf[p + 3 : b]))
             )
             return
         for x, y in self._lace_ranges(start, lacing, p + 3, b):
-            self._events.append(FrameRead(track, name, timecode_ms, keyframe, bytes(buf[x:y])))
+            self._events.append(_new_frame(track, name, timecode_ms, keyframe, bytes(buf[x:y])))
 
     def _long_track_number(self, start: int, a: int) -> tuple[int, int]:
         try:
