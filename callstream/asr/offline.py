@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from callstream.asr.base import SAMPLE_RATE, Hypothesis
+from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE, Hypothesis
 from callstream.asr.endpointer import Closed, Endpointer, EndpointerConfig, Opened, Utterance
 from callstream.asr.errors import FatalSpeechError
 from callstream.asr.moonshine import SAMPLE_RATE as MODEL_RATE
@@ -38,6 +38,7 @@ _FIRST_PARTIAL_S = 0.6
 _PARTIAL_BACKOFF = 0.5  # next partial after max(0.6 s, this x the utterance so far)
 # Past this much trailing silence the final is near: a partial would only delay it.
 _NO_PARTIAL_AFTER_SILENCE_S = 0.3
+_SLICE_BYTES = 10 * SAMPLE_RATE * BYTES_PER_SAMPLE  # audio taken in per step
 
 _models: dict[tuple[Path | None, int], MoonshineModel] = {}
 _models_lock = threading.Lock()
@@ -168,7 +169,6 @@ class OfflineStream:
                 return []
             out: list[Hypothesis] = []
             self._guarded(out, last=False)
-            self._trim()
             return out
 
     def close(self) -> list[Hypothesis]:
@@ -186,21 +186,28 @@ class OfflineStream:
         if self._failure is not None:
             raise self._failure
         try:
-            self._ingest(last=last)
-            self._decode_finals(out)
-            if self._partials and self._open is not None and not last:
-                out += self._decode_partial(self._open)
+            self._work(out, last=last)
         except FatalSpeechError as error:
             self._failure = FatalSpeechError(str(error), code=error.code)
             raise FatalSpeechError(str(error), code=error.code, hypotheses=tuple(out)) from error
 
-    def _ingest(self, *, last: bool) -> None:
-        """Move queued bytes through the endpointer and the resampler."""
+    def _work(self, out: list[Hypothesis], *, last: bool) -> None:
+        """Take the queued audio a slice at a time (bounding memory however much
+        was queued), decoding finals as they close; then maybe a partial."""
         with self._inbox_lock:
             data, self._inbox = self._odd_byte + b"".join(self._inbox), []
-        cut = len(data) - len(data) % 2
-        data, self._odd_byte = data[:cut], data[cut:]
-        samples = np.frombuffer(data, "<i2")
+        whole = len(data) - len(data) % 2
+        data, self._odd_byte = data[:whole], data[whole:]
+        slices = [data[at : at + _SLICE_BYTES] for at in range(0, len(data), _SLICE_BYTES)]
+        for n, piece in enumerate(slices or [b""]):
+            self._ingest(np.frombuffer(piece, "<i2"), last=last and n == max(0, len(slices) - 1))
+            self._decode_finals(out)
+            self._trim()
+        if self._partials and self._open is not None and not last:
+            out += self._decode_partial(self._open)
+
+    def _ingest(self, samples: np.ndarray, *, last: bool) -> None:
+        """Move samples through the endpointer and the resampler."""
         self._received += len(samples)
         events = self._endpointer.push(samples)
         if last:

@@ -135,6 +135,14 @@ def test_finals_do_not_depend_on_how_the_audio_is_chunked(
     assert len(finals(agent_1s)) == 5
 
 
+def test_audio_sent_whole_and_closed_without_polls_gives_the_same_finals(
+    engine: OfflineEngine, agent_20ms: list[Hypothesis]
+) -> None:
+    stream = engine.open_stream(contact_id="call-1", track="AUDIO_TO_CUSTOMER", language="en")
+    stream.send(read_pcm("agent.wav"))
+    assert stream.close() == finals(agent_20ms)
+
+
 def test_non_english_language_is_refused_naming_the_supported_one(engine: OfflineEngine) -> None:
     with pytest.raises(ValueError, match="English only"):
         engine.open_stream(contact_id="c", track="AUDIO_FROM_CUSTOMER", language="es-US")
