@@ -231,6 +231,11 @@ def main() -> None:
     print(
         f"RTF per stream, one core: finals only {rtf_finals:.3f}, with partials {rtf_partials:.3f}"
     )
+    cores = os.cpu_count() or 1
+    print(
+        f"computed capacity (cores / RTF): finals only {int(cores / rtf_finals)} tracks, "
+        f"with partials {int(cores / rtf_partials)} tracks"
+    )
     one_call = latencies(run_paced(with_partials, [(p, 0.0) for p in call.values()], 2))
     print(
         f"one call paced in real time: first partial after speech start p50 "
