@@ -96,8 +96,7 @@ _CACHE_MAX_BYTES = 4096
 _CACHE_ENTRIES = 512
 _LACING_MASK = 0x06
 _XIPH_LACING = 0x02
-_FIXED_LACING = 0x04
-_EBML_LACING = 0x06
+_FIXED_LACING = 0x04  # and 0x06: EBML lacing
 
 
 class _Corrupt(Exception):
@@ -276,9 +275,9 @@ def _collect_simple_tag(
         eid, size, header_len = _child_header(view, pos, b, base)
         body = pos + header_len
         if eid == TAG_NAME:
-            name = bytes(view[body : body + size]).rstrip(b"\0").decode("utf-8", "replace")
+            name = _text(view[body : body + size])
         elif eid == TAG_STRING:
-            value = bytes(view[body : body + size]).rstrip(b"\0").decode("utf-8", "replace")
+            value = _text(view[body : body + size])
         elif eid == SIMPLE_TAG:
             _collect_simple_tag(view, body, body + size, base, out)
         pos = body + size
@@ -422,7 +421,7 @@ class MkvStreamReader:
                     break
                 size, body, track, relative, flags = head
             end = body + size
-            if end > bound or not 4 <= size <= max_size or not track & 0x80 or flags & 0x06:
+            if end > bound or not 4 <= size <= max_size or not track & 0x80 or flags & _LACING_MASK:
                 break
             track &= 0x7F
             frame = new(FrameRead)
@@ -634,12 +633,6 @@ class MkvStreamReader:
                 if leaf is not None:
                     leaf(eid, base + pos, body, end)
             pos = end
-
-    def _close_finished(self) -> None:
-        here = self._base + self._pos
-        stack = self._stack
-        while stack and stack[-1].limit == here:
-            self._pop(here)
 
     def _consume_skip(self) -> bool:
         available = len(self._buf) - self._pos

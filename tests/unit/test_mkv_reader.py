@@ -240,7 +240,7 @@ def test_interleaved_video_and_audio_tracks_are_told_apart() -> None:
     stereo = tracks[2]
     assert (stereo.name, stereo.codec_id, stereo.track_type) == ("Stereo", "A_AAC", 2)
     assert (stereo.sampling_frequency, stereo.channels) == (48000.0, 2)
-    by_track = defaultdict(int)
+    by_track: dict[tuple[int, str | None], int] = defaultdict(int)
     for frame in _frames(events):
         by_track[(frame.track_number, frame.track_name)] += 1
     assert by_track == {(1, None): 909, (2, "Stereo"): 1425}
