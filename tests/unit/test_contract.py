@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def _pairs() -> list[tuple[Path, Path]]:
     pairs = []
     for paths in _schema_files().values():
         ordered = sorted(paths, key=lambda p: int(p.name.split(".v")[1].split(".")[0]))
-        pairs.extend(zip(ordered, ordered[1:], strict=False))
+        pairs.extend(itertools.pairwise(ordered))
     return pairs
 
 

@@ -1,4 +1,4 @@
-"""The trigger accepts the reference event and the Connect contact-flow event, and says what is wrong."""
+"""The trigger accepts the reference and the Connect contact-flow events; says what is wrong."""
 
 from __future__ import annotations
 
