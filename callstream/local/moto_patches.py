@@ -10,12 +10,14 @@ Patched here:
   `https://s-xxxx.kinesisvideo.<region>.amazonaws.com`.
 - kinesis PutRecord / PutRecords / GetRecords go through the throttling
   fault hook (`Faults.throttle_kinesis`), off by default.
+- kinesis resharding behaves as on AWS (moto 5.2.5 got it wrong): after
+  SplitShard/MergeShards/UpdateShardCount a closed parent keeps its records
+  and takes no more writes, hash keys route to the open shard whose
+  (inclusive) range holds them, and GetRecords at the end of a closed shard
+  returns `ChildShards` and no `NextShardIterator`.
 
-Known gaps of moto 5.2.5 Kinesis, to be patched here next (see
-`_patch_kinesis_resharding` and `_patch_kinesis_subscribe_to_shard`):
-- resharding is wrong: after SplitShard/MergeShards/UpdateShardCount, writes
-  still go to the closed parent shard, and GetRecords on a closed shard never
-  returns `ChildShards` (nor a null NextShardIterator at its end);
+Known gaps of moto 5.2.5 Kinesis, still open (see
+`_patch_kinesis_subscribe_to_shard`):
 - SubscribeToShard (enhanced fan-out) is not implemented;
 - it never throttles by itself (no per-shard 1 MB/s, 1000 rec/s, 5 reads/s).
 """
@@ -23,6 +25,7 @@ Known gaps of moto 5.2.5 Kinesis, to be patched here next (see
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import threading
 from collections.abc import Callable
@@ -30,7 +33,10 @@ from typing import Any
 
 from moto.core.exceptions import JsonRESTError
 from moto.core.responses import ActionResult
+from moto.kinesis.exceptions import InvalidArgumentError
+from moto.kinesis.models import Shard, Stream
 from moto.kinesis.responses import KinesisResponse
+from moto.kinesis.utils import decompose_shard_iterator
 from moto.kinesisvideo.models import KinesisVideoBackend
 
 from callstream.local.faults import Faults
@@ -78,8 +84,8 @@ def apply(data_endpoint: Callable[[], str], faults: Faults) -> PatchSet:
         patches = _active = PatchSet()
     try:
         _patch_kinesisvideo_data_endpoint(patches, data_endpoint)
+        _patch_kinesis_resharding(patches)  # before throttling, which wraps its GetRecords
         _patch_kinesis_throttling(patches, faults)
-        _patch_kinesis_resharding(patches)
         _patch_kinesis_subscribe_to_shard(patches)
     except BaseException:
         patches.revert()
@@ -148,7 +154,109 @@ def _put_records_partially(response: KinesisResponse, faults: Faults) -> ActionR
 
 
 def _patch_kinesis_resharding(patches: PatchSet) -> None:
-    """Placeholder: route writes to open child shards, return ChildShards (later task)."""
+    """Closed parents keep their records and take no writes; their ends name the children."""
+    patches.replace(Stream, "get_shard_for_key", _open_shard_for_key)
+    patches.replace(Stream, "split_shard", _split_shard)
+    patches.replace(Stream, "merge_shards", _merge_shards)
+    patches.replace(KinesisResponse, "get_records", _get_records_with_children)
+
+
+def _open_shard_for_key(self: Stream, partition_key: str, explicit_hash_key: str) -> Shard | None:
+    """The open shard whose inclusive hash range holds the key (AWS routing)."""
+    if not isinstance(partition_key, str) or len(partition_key) > 256:
+        raise InvalidArgumentError("partition_key")
+    if explicit_hash_key:
+        key = int(explicit_hash_key)
+        if key >= 2**128:
+            raise InvalidArgumentError("explicit_hash_key")
+    else:
+        key = int(hashlib.md5(partition_key.encode("utf-8")).hexdigest(), 16)
+    for shard in self.shards.values():
+        if shard.is_open and shard.starting_hash <= key <= shard.ending_hash:
+            return shard
+    return None
+
+
+def _next_shard_index(stream: Stream) -> int:
+    return max(shard._shard_id for shard in stream.shards.values()) + 1
+
+
+def _split_shard(self: Stream, shard_to_split: str, new_starting_hash_key: str) -> None:
+    """Close the parent where it stands (records stay) and open two empty children."""
+    shard = self.get_shard(shard_to_split)
+    start = int(new_starting_hash_key)
+    if not shard.starting_hash < start <= shard.ending_hash:
+        raise InvalidArgumentError(
+            f"NewStartingHashKey {start} is not within shard {shard_to_split}'s hash range"
+        )
+    if not shard.is_open:
+        raise InvalidArgumentError(f"Shard {shard_to_split} has already been merged or split")
+    index = _next_shard_index(self)
+    for offset, (low, high) in enumerate(
+        ((shard.starting_hash, start - 1), (start, shard.ending_hash))
+    ):
+        child = Shard(index + offset, low, high, parent=shard.shard_id)
+        self.shards[child.shard_id] = child
+    shard.is_open = False
+
+
+def _merge_shards(self: Stream, shard_to_merge: str, adjacent_shard_to_merge: str) -> None:
+    """Close two adjacent parents (records stay) and open one empty child over both."""
+    first = self.get_shard(shard_to_merge)
+    second = self.get_shard(adjacent_shard_to_merge)
+    low, high = sorted((first, second), key=lambda s: s.starting_hash)
+    if low.ending_hash + 1 != high.starting_hash:
+        raise InvalidArgumentError(adjacent_shard_to_merge)
+    if not (first.is_open and second.is_open):
+        raise InvalidArgumentError("only open shards can be merged")
+    child = Shard(
+        _next_shard_index(self),
+        low.starting_hash,
+        high.ending_hash,
+        parent=first.shard_id,
+        adjacent_parent=second.shard_id,
+    )
+    self.shards[child.shard_id] = child
+    first.is_open = False
+    second.is_open = False
+
+
+def _get_records_with_children(self: KinesisResponse) -> ActionResult:
+    """GetRecords; at the end of a closed shard, ChildShards and no NextShardIterator."""
+    stream_name, shard_id, _ = decompose_shard_iterator(self._get_param("ShardIterator"))
+    stream = self.kinesis_backend.describe_stream(
+        stream_arn=self._get_param("StreamARN"), stream_name=stream_name
+    )
+    shard = stream.get_shard(shard_id)
+    next_iterator, records, behind = self.kinesis_backend.get_records(
+        self._get_param("StreamARN"), self._get_param("ShardIterator"), self._get_param("Limit")
+    )
+    result: dict[str, Any] = {
+        "Records": [record.to_json() for record in records],
+        "MillisBehindLatest": behind,
+    }
+    last = int(decompose_shard_iterator(next_iterator)[2])
+    if shard.is_open or last < shard.get_max_sequence_number():
+        result["NextShardIterator"] = next_iterator
+    else:
+        result["ChildShards"] = _children(stream, shard_id)
+        result["MillisBehindLatest"] = 0
+    return ActionResult(result)
+
+
+def _children(stream: Stream, shard_id: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "ShardId": child.shard_id,
+            "ParentShards": [p for p in (child.parent, child.adjacent_parent) if p],
+            "HashKeyRange": {
+                "StartingHashKey": str(child.starting_hash),
+                "EndingHashKey": str(child.ending_hash),
+            },
+        }
+        for child in stream.shards.values()
+        if shard_id in (child.parent, child.adjacent_parent)
+    ]
 
 
 def _patch_kinesis_subscribe_to_shard(patches: PatchSet) -> None:
