@@ -63,6 +63,7 @@ class AudioChunkCaptured:
     pcm: bytes
     fragment_number: str
     sample_rate: int = 8000
+    gap_before_ms: int = 0
 
     @property
     def end_sample(self) -> int:
@@ -82,6 +83,8 @@ class CallEnded:
     last_fragment_number: str | None = None
     chunk_counts: dict[str, int] = field(default_factory=dict)
     call_start_time_ms: int | None = None
+    stream_errors: int = 0
+    reconnects: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,17 @@ events ready so far; `finish(reason)` flushes and returns `CallEnded`.
 Chunks are cut at `chunk_ms` and at every fragment (Cluster) end, so the same
 fragments always give the same chunks: a call resumed at a fragment boundary
 publishes exactly what an undisturbed run would have.
+
+Resuming mid-fragment: a GetMedia connection that drops inside a fragment is
+resumed from the last continuation token, so that fragment comes again from
+its start. The core counts, per track, the PCM bytes it took from the
+fragment in progress and skips exactly that many of the re-read: chunks are
+still emitted as soon as `chunk_ms` accumulates (no waiting for fragment
+ends), and nothing is lost or published twice.
+
+Gaps: when a track's next frame starts later than its previous PCM ended (a
+fragment missing from the stream), the track's buffer is flushed and its next
+chunk carries `gap_before_ms`; sample offsets stay contiguous.
 """
 
 from __future__ import annotations
@@ -48,14 +59,21 @@ class _TrackState:
     buffer: bytearray = field(default_factory=bytearray)
     buffer_start_ms: int | None = None  # absolute time of the buffer's first sample
     buffer_fragment: str = ""
+    next_time_ms: int | None = None  # absolute time just past the last PCM taken
+    gap_ms: int = 0  # missing audio to report on the next chunk
+    fragment_bytes: int = 0  # PCM bytes taken from the fragment in progress
+    skip: int = 0  # bytes of a re-read fragment still to skip
 
 
 class CallIngest:
     """Turns one contact's MKV events into AudioChunkCaptured events, then CallEnded."""
 
-    def __init__(self, contact_id: str, chunk_ms: int = 128) -> None:
+    def __init__(self, contact_id: str, chunk_ms: int = 128, gap_tolerance_ms: int = 40) -> None:
         self.contact_id = contact_id
         self.chunk_bytes = chunk_ms * BYTES_PER_MS
+        self.gap_tolerance_ms = gap_tolerance_ms
+        self.fragments_seen = 0  # new fragments started (re-reads not counted)
+        self.error_count = 0
         self.tracks: dict[Track, _TrackState] = {}
         self.track_by_number: dict[int, Track] = {}
         self.fragment_number: str | None = None
@@ -63,7 +81,6 @@ class CallIngest:
         self.continuation_token: str | None = None
         self.call_start_time_ms: int | None = None
         self.ended: CallEnded | None = None
-        self.errors: list[StreamError] = []
         self._ignored_tracks: set[str] = set()
         self._pending_end: tuple[EndReason, str] | None = None
         self._skipping = False  # inside a fragment already published (a re-read)
@@ -87,16 +104,18 @@ class CallIngest:
         elif isinstance(event, ClusterStarted) and not self.track_by_number:
             self._pending_end = (EndReason.NO_AUDIO_TRACK, "the stream has no audio track")
         elif isinstance(event, StreamError):
-            self.errors.append(event)
+            self.error_count += 1
             log.warning(
-                "MKV error at byte %d: %s",
+                "corrupt or truncated media at byte %d of the connection (%s); resynchronising",
                 event.offset,
                 event.reason,
-                extra={"contact_id": self.contact_id},
+                extra={"contact_id": self.contact_id, "fragment": self.fragment_number},
             )
         return []
 
-    def finish(self, reason: EndReason, detail: str, now_ms: int) -> list[Event]:
+    def finish(
+        self, reason: EndReason, detail: str, now_ms: int, reconnects: int = 0
+    ) -> list[Event]:
         """Flush every track and end the call (an earlier pending reason wins)."""
         if self.ended is not None:
             return []
@@ -111,6 +130,8 @@ class CallIngest:
             last_fragment_number=self.last_completed_fragment or self.fragment_number,
             chunk_counts={s.track.value: s.sequence for s in self.tracks.values()},
             call_start_time_ms=self.call_start_time_ms,
+            stream_errors=self.error_count,
+            reconnects=reconnects,
         )
         out.append(self.ended)
         return out
@@ -124,9 +145,7 @@ class CallIngest:
     def _tags(self, event: TagsRead) -> list[Event]:
         for name, value in event.tags:
             if name == TAG_FRAGMENT_NUMBER:
-                self._skipping = _not_after(value, self.last_completed_fragment)
-                if not self._skipping:
-                    self.fragment_number = value
+                self._fragment_started(value)
             elif name == TAG_CONTINUATION:
                 self.continuation_token = value
             elif name == TAG_CONTACT_ID and value != self.contact_id:
@@ -136,6 +155,24 @@ class CallIngest:
                 )
                 return []
         return []
+
+    def _fragment_started(self, number: str) -> None:
+        self._skipping = _not_after(number, self.last_completed_fragment)
+        if self._skipping:
+            return
+        rereading = number == self.fragment_number
+        for state in self.tracks.values():
+            state.skip = state.fragment_bytes if rereading else 0
+            state.fragment_bytes = 0
+        if rereading:
+            log.info(
+                "fragment %s read again; skipping what was taken of it",
+                number,
+                extra={"contact_id": self.contact_id},
+            )
+        else:
+            self.fragment_number = number
+            self.fragments_seen += 1
 
     def _map_tracks(self, event: TracksRead) -> None:
         self.track_by_number = {}
@@ -157,16 +194,46 @@ class CallIngest:
         track = self.track_by_number.get(frame.track_number)
         if track is None or self._skipping:
             return []
+        return self.accept_pcm(track, frame.data, frame.timecode_ms)
+
+    def accept_pcm(self, track: Track, data: bytes, time_ms: int) -> list[Event]:
+        """Take a run of one track's PCM starting at absolute `time_ms`; return ready chunks."""
         state = self.tracks.setdefault(track, _TrackState(track))
+        state.fragment_bytes += len(data)
+        if state.skip:
+            taken = min(state.skip, len(data))
+            state.skip -= taken
+            data, time_ms = data[taken:], time_ms + taken // BYTES_PER_MS
+            if not data:
+                return []
+        out = self._check_gap(state, time_ms)
         if not state.buffer:
-            state.buffer_start_ms = frame.timecode_ms
+            state.buffer_start_ms = time_ms
             state.buffer_fragment = self.fragment_number or ""
         if self.call_start_time_ms is None:
-            self.call_start_time_ms = frame.timecode_ms
-        state.buffer += frame.data
-        out: list[Event] = []
+            self.call_start_time_ms = time_ms
+        state.buffer += data
+        state.next_time_ms = time_ms + len(data) // BYTES_PER_MS
         while len(state.buffer) >= self.chunk_bytes:
             out.append(self._emit(state, self.chunk_bytes))
+        return out
+
+    def _check_gap(self, state: _TrackState, time_ms: int) -> list[Event]:
+        """Flush before audio that starts later than the track's last PCM ended."""
+        if state.next_time_ms is None:
+            return []
+        gap = time_ms - state.next_time_ms
+        if gap <= self.gap_tolerance_ms:
+            return []
+        log.info(
+            "%d ms of %s missing before %d",
+            gap,
+            state.track.value,
+            time_ms,
+            extra={"contact_id": self.contact_id, "track": state.track.value},
+        )
+        out: list[Event] = [self._emit(state, len(state.buffer))] if state.buffer else []
+        state.gap_ms += gap
         return out
 
     def _flush_all(self) -> list[Event]:
@@ -185,7 +252,9 @@ class CallIngest:
             start_time_ms=start_ms,
             pcm=pcm,
             fragment_number=state.buffer_fragment,
+            gap_before_ms=state.gap_ms,
         )
+        state.gap_ms = 0
         state.sequence += 1
         state.sample_offset += size // 2
         state.buffer_start_ms = start_ms + (size // 2) // 8
