@@ -10,6 +10,14 @@ the same rows and objects.
 Undecodable records and records a handler rejects go to the dead-letter
 stream with their bytes and the reason; retryable failures back off and retry
 the same record; nothing is skipped silently.
+
+A handler may buffer effects (the persister batches rows): it then has an
+optional `flush()` (see `Flushing`), called with retries after each batch
+and before every checkpoint, and it reports its buffered calls as unsettled
+until flushed. Handlers without `flush` need not change.
+
+Stopping (SIGTERM): the loop finishes the record in hand, flushes, takes a
+last checkpoint and releases its leases, so another instance resumes at once.
 """
 
 from __future__ import annotations
@@ -17,8 +25,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from callstream.bus.kinesis import backoff_delays
 from callstream.bus.leases import now_ms
@@ -28,6 +36,7 @@ from callstream.errors import PoisonRecordError, RetryableError
 from callstream.events import DeadLetter, Event
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Handler(Protocol):
@@ -44,6 +53,14 @@ class Handler(Protocol):
 
     def forget(self, contact_ids: Iterable[str]) -> None:
         """Drop in-memory state of calls whose shard this instance lost."""
+
+
+@runtime_checkable
+class Flushing(Protocol):
+    """Optional extension of a Handler that buffers effects between records."""
+
+    def flush(self) -> None:
+        """Apply buffered effects durably or raise (RetryableError: retried)."""
 
 
 class ServiceLoop:
@@ -73,13 +90,28 @@ class ServiceLoop:
             while not stop.is_set():
                 records = self.source.poll()
                 self.process(records, stop)
-                self.handler.tick()
+                self._retrying(self.handler.tick, stop)
+                self._retrying(self.flush, stop)
                 self.checkpoint()
                 if not records:
                     stop.wait(self.poll_interval_s)
+        except RetryableError as e:  # only raised once `stop` is set: replayed by the next owner
+            log.warning("stopped while retrying: %s", e)
         finally:
+            self._last_flush()
             self.checkpoint()
             self.source.close()
+
+    def flush(self) -> None:
+        """Make the handler's buffered effects durable (no-op for plain handlers)."""
+        if isinstance(self.handler, Flushing):
+            self.handler.flush()
+
+    def _last_flush(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # unflushed calls stay unsettled: the checkpoint keeps them
+            log.exception("final flush failed; its records will be replayed")
 
     def process(self, records: list[Record], stop: threading.Event | None = None) -> None:
         """Decode and handle records in order; dead-letter what cannot be processed."""
@@ -110,12 +142,18 @@ class ServiceLoop:
         self.handler.forget(contacts)
 
     def _handle_with_retry(self, record: Record, stop: threading.Event | None) -> str | None:
+        return self._retrying(lambda: self._handle(record), stop, record.shard_id)
+
+    def _retrying(
+        self, action: Callable[[], T], stop: threading.Event | None, shard_id: str | None = None
+    ) -> T:
+        """Run `action`, backing off with jitter on RetryableError until it passes or we stop."""
         delays = backoff_delays(base_s=0.1, cap_s=5.0)
         while True:
             try:
-                return self._handle(record)
+                return action()
             except RetryableError as e:
-                log.warning("retrying record after: %s", e, extra={"shard_id": record.shard_id})
+                log.warning("retrying after: %s", e, extra={"shard_id": shard_id})
                 if stop is not None and stop.is_set():
                     raise
                 time.sleep(next(delays))

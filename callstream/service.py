@@ -1,8 +1,12 @@
 """Wiring shared by every service's `main.py`: clients, streams, the loop, signals.
 
 Each `main.py` builds its settings and handler, then calls `run_service`.
-SIGTERM/SIGINT stop the loop after the current batch: it checkpoints and
-releases its leases so another instance takes over at once.
+SIGTERM/SIGINT stop the loop after the current record: it flushes,
+checkpoints and releases its leases so another instance takes over at once.
+
+`CALLSTREAM_LEASE_MS` (default 10000) is how long a lease lives without a
+heartbeat: an instance killed with SIGKILL is taken over within about
+4/3 of it (expiry plus one balancing period).
 """
 
 from __future__ import annotations
@@ -19,12 +23,18 @@ from callstream import aws
 from callstream.bus.consumer import KinesisSource
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable
-from callstream.config import BusSettings
+from callstream.config import BusSettings, Env
 from callstream.errors import ConfigError
 from callstream.runtime import Handler, ServiceLoop
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+DEFAULT_LEASE_MS = 10_000
+
+
+def lease_ms(environ: dict[str, str] | None = None) -> int:
+    """The lease duration from `CALLSTREAM_LEASE_MS` (1 s .. 10 min)."""
+    return Env(environ).integer("CALLSTREAM_LEASE_MS", DEFAULT_LEASE_MS, 1000, 600_000)
 
 
 def load_settings(factory: Callable[[], T]) -> T:
@@ -66,6 +76,7 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
         stream=stream,
         group=service,
         worker_id=bus.worker_id,
+        lease_ms=load_settings(lease_ms),
         on_shard_lost=lambda shard: loop.shard_lost(shard) if loop else None,
     )
     loop = ServiceLoop(

@@ -1,11 +1,14 @@
 """Shard leases and checkpoints in a DynamoDB table, in the manner of the KCL.
 
-One item per (application, stream, shard): `owner`, `expires_at_ms` (renewed
-by the owner's heartbeat), `counter` (bumped on every change, used for
-conditional writes) and the checkpoint (`checkpoint`, `checkpoint_inclusive`).
-An instance takes free or expired leases up to its fair share (shards divided
-by the live owners it can see), so instances spread out and take over a dead
-one's shards once its leases expire.
+One item per (application, stream, shard), keyed `<application>/<stream>/<shard>`
+so two applications or two streams never share a checkpoint: `owner`,
+`expires_at_ms` (renewed by the owner's heartbeat), `counter` (bumped on every
+change; every write is conditional on the counter the writer last saw, so two
+instances racing for a lease cannot both win), the checkpoint (`checkpoint`,
+`checkpoint_inclusive`), `drained` (a closed shard read to its end) and
+`finished` (its every record done). An instance takes free or expired leases
+up to its fair share (shards divided by the live owners it can see), so
+instances spread out and take over a dead one's shards once its leases expire.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Lease:
     checkpoint: str | None
     checkpoint_inclusive: bool
     finished: bool = False
+    drained: bool = False
 
 
 def now_ms() -> int:
@@ -48,7 +52,11 @@ class LeaseTable:
         self.table = table
 
     def ensure_table(self) -> None:
-        """Create the table if absent (tolerates a concurrent creator)."""
+        """Create the table if absent; many instances starting at once may race to create it.
+
+        The loser of the race gets ResourceInUseException and, like the
+        winner, waits until the table is ACTIVE before using it.
+        """
         try:
             self.client.create_table(
                 TableName=self.table,
@@ -59,7 +67,9 @@ class LeaseTable:
         except ClientError as e:
             if e.response["Error"]["Code"] != "ResourceInUseException":
                 raise
-        self.client.get_waiter("table_exists").wait(TableName=self.table)
+        self.client.get_waiter("table_exists").wait(
+            TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 300}
+        )
 
     def scan(self, prefix: str) -> list[Lease]:
         """All leases of one application and stream."""
@@ -116,6 +126,10 @@ class LeaseTable:
             {":s": {"S": sequence}, ":i": {"BOOL": inclusive}, ":f": {"BOOL": finished}},
         )
 
+    def mark_drained(self, lease: Lease) -> bool:
+        """Note that a closed shard was read to its end (its children may follow)."""
+        return self._update(lease, "SET drained = :d, #c = :n", {":d": {"BOOL": True}})
+
     def _update(self, lease: Lease, expression: str, values: dict[str, Any]) -> bool:
         values = {**values, ":old": {"N": str(lease.counter)}, ":n": {"N": str(lease.counter + 1)}}
         names = {"#c": "counter"}
@@ -155,4 +169,5 @@ def _lease_of(item: dict[str, Any]) -> Lease:
         checkpoint=item.get("checkpoint", {}).get("S"),
         checkpoint_inclusive=bool(item.get("checkpoint_inclusive", {}).get("BOOL", False)),
         finished=bool(item.get("finished", {}).get("BOOL", False)),
+        drained=bool(item.get("drained", {}).get("BOOL", False)),
     )
