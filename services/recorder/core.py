@@ -101,6 +101,19 @@ class CallRecording:
             for track, progress in sorted(self.tracks.items(), key=lambda kv: kv[0].value)
         ]
 
+    def stored_keys(self) -> list[str]:
+        """After CallEnded: the keys its WAVs have once stored (empty if they can't be known).
+
+        A replay that starts mid-call (its first records were checkpointed as
+        done) ends without every chunk; if these objects exist, the call was
+        recorded and the replay is skipped.
+        """
+        if self.ended is None or self.ended.call_start_time_ms is None:
+            return []
+        start = self.ended.call_start_time_ms
+        tracks = sorted(Track(name) for name, n in self.ended.chunk_counts.items() if n > 0)
+        return [self.key_for(track, start) for track in tracks]
+
     def _call_start_ms(self) -> int:
         if self.ended is not None and self.ended.call_start_time_ms is not None:
             return self.ended.call_start_time_ms

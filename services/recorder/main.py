@@ -2,13 +2,21 @@
 
 Thin wiring over `core.CallRecording` (what to write) and `spool.Spool`
 (where it waits). A call is settled once its WAVs are in S3.
+
+Several instances may run at once: each spools under its own worker id, so
+two instances that both see a call (a takeover, a stolen lease) never write
+into or delete each other's files. A replay that starts mid-call (after a
+takeover, of a call already settled) ends without all its chunks; if its
+WAVs are in S3, the call is recognised as done and skipped.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import OrderedDict
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -18,7 +26,7 @@ from callstream import log as logsetup
 from callstream.bus.ports import Record
 from callstream.config import RecorderSettings
 from callstream.errors import StoreUnavailable
-from callstream.events import Event
+from callstream.events import CallEnded, Event
 from callstream.service import load_settings, run_service
 from services.recorder.core import CallRecording, UploadWav
 from services.recorder.spool import Spool
@@ -33,7 +41,8 @@ class RecorderHandler:
     def __init__(self, settings: RecorderSettings, s3: Any) -> None:
         self.settings = settings
         self.s3 = s3
-        self.spool = Spool(settings.spool_dir)
+        worker = re.sub(r"[^A-Za-z0-9_.-]", "_", settings.bus.worker_id)
+        self.spool = Spool(Path(settings.spool_dir) / worker)
         self.calls: dict[str, CallRecording] = {}
         self.done: OrderedDict[str, None] = OrderedDict()
 
@@ -46,6 +55,10 @@ class RecorderHandler:
             call = self.calls[contact_id] = CallRecording(contact_id, self.settings.key_prefix)
         for write in call.accept(event):
             self.spool.write(write.contact_id, write.track, write.byte_offset, write.pcm)
+        if isinstance(event, CallEnded) and not call.complete and self._already_stored(call):
+            log.info("replayed call already recorded; skipped", extra={"contact_id": contact_id})
+            self._retire(contact_id)
+            return
         uploads = call.uploads()
         if uploads:
             for upload in uploads:
@@ -62,6 +75,21 @@ class RecorderHandler:
     def forget(self, contact_ids: Iterable[str]) -> None:
         for contact_id in contact_ids:
             self.calls.pop(contact_id, None)
+
+    def _already_stored(self, call: CallRecording) -> bool:
+        keys = call.stored_keys()
+        return bool(keys) and all(self._exists(key) for key in keys)
+
+    def _exists(self, key: str) -> bool:
+        try:
+            self.s3.head_object(Bucket=self.settings.bucket, Key=key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise StoreUnavailable(f"S3 head of {key} failed: {e}") from e
+        except BotoCoreError as e:
+            raise StoreUnavailable(f"S3 head of {key} failed: {e}") from e
+        return True
 
     def _upload(self, upload: UploadWav) -> None:
         path = self.spool.finish(upload.contact_id, upload.track, upload.pcm_bytes)
