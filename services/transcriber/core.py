@@ -9,15 +9,27 @@ audio yields the same ids. When the call's CallEnded has arrived and every
 chunk it counted has been fed, the streams are closed, the last finals
 emitted, and the CallEnded is forwarded to the transcripts stream.
 
+Recovery: each track keeps the audio it sent since its last final
+(`recovery.AudioSpool`). When a stream fails with a `RetryableSpeechError`, the
+track backs off (exponential, jittered), opens a new stream and resends that
+audio; the new stream's times are mapped back to call time, and a final is
+never emitted twice. Without audio for a while the stream gets keep-alive
+silence, which maps to no call time, so nothing is transcribed from it. A
+stream that has carried `rollover_ms` of audio is closed and replaced the
+same way. Time comes in through `poll(now)`; the core never reads a clock.
+
 No AWS, no environment: the engine is a port handed in.
 """
 
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from callstream.asr.base import Hypothesis, RecognitionStream, SpeechEngine
+from callstream.asr.errors import FatalSpeechError, RetryableSpeechError, SpeechEngineError
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,
@@ -27,42 +39,68 @@ from callstream.events import (
     TranscriptSegmentProduced,
     WordTiming,
 )
+from services.transcriber.recovery import (
+    BYTES_PER_MS,
+    AudioSpool,
+    RecoveryPolicy,
+    StreamClock,
+)
 
 log = logging.getLogger(__name__)
+_ORPHAN_TOLERANCE_MS = 400  # a retried result this close to an orphaned partial takes its id
 
 
 @dataclass
 class _TrackFeed:
-    """Ordering and engine state of one track."""
+    """Ordering, engine and recovery state of one track."""
 
     track: Track
+    spool: AudioSpool
     next_sequence: int = 0
     waiting: dict[int, AudioChunkCaptured] = field(default_factory=dict)
     stream: RecognitionStream | None = None
-    base_ms: int = 0  # call-relative time of the stream's first sample
+    clock: StreamClock = field(default_factory=StreamClock)
     starts: dict[str, int] = field(default_factory=dict)  # result id -> pinned start
     last_partial: dict[str, str] = field(default_factory=dict)
+    orphans: list[int] = field(default_factory=list)  # starts of partials a failed stream left
+    committed_ms: int = 0  # call time up to which finals were emitted
+    last_final_start: int = -1
+    audio_at: float | None = None  # when audio (or keep-alive) last went to the stream
+    attempts: int = 0  # consecutive failed streams
+    retry_at: float | None = None
+    closed: bool = False
+    failed: bool = False
+    streams_opened: int = 0
 
 
 class CallTranscription:
     """One call's transcription state machine."""
 
     def __init__(
-        self, contact_id: str, engine: SpeechEngine, default_language: str = "en-US"
+        self,
+        contact_id: str,
+        engine: SpeechEngine,
+        default_language: str = "en-US",
+        policy: RecoveryPolicy | None = None,
+        unit_random: Callable[[], float] = random.random,
     ) -> None:
         self.contact_id = contact_id
         self.engine = engine
         self.language = default_language
+        self.policy = policy or RecoveryPolicy()
+        self.unit_random = unit_random
         self.enabled = True
         self.call_start_time_ms: int | None = None
         self.feeds: dict[Track, _TrackFeed] = {}
         self.ended: CallEnded | None = None
         self.done = False
+        self.now: float | None = None
 
-    def accept(self, event: Event) -> list[Event]:
+    def accept(self, event: Event, now: float | None = None) -> list[Event]:
         """Take one event of this call; return segments (and CallEnded) now ready."""
         if self.done:
             return []
+        self._tick(now)
         if isinstance(event, CallStarted):
             self.enabled = event.transcription_enabled
             self.language = event.language_code or self.language
@@ -72,20 +110,33 @@ class CallTranscription:
             self.ended = event
         return self.poll()
 
-    def poll(self) -> list[Event]:
-        """Results the engines have ready; finishes the call once all audio is in."""
+    def poll(self, now: float | None = None) -> list[Event]:
+        """Results the engines have ready, retries and keep-alives that are due;
+        finishes the call once all audio is in."""
         if self.done:
             return []
+        self._tick(now)
         out: list[Event] = []
         for feed in self.feeds.values():
-            if feed.stream is not None:
-                out.extend(self._segments(feed, feed.stream.poll()))
+            out.extend(self._service(feed))
         if self._all_audio_in():
             out.extend(self._finish())
         return out
 
+    def _tick(self, now: float | None) -> None:
+        if now is not None:
+            self.now = now
+
+    def _due(self, at: float | None) -> bool:
+        return at is None or self.now is None or self.now >= at
+
+    # --- audio in ---------------------------------------------------------------
+
     def _queue(self, chunk: AudioChunkCaptured) -> None:
-        feed = self.feeds.setdefault(chunk.track, _TrackFeed(chunk.track))
+        feed = self.feeds.get(chunk.track)
+        if feed is None:
+            feed = _TrackFeed(chunk.track, AudioSpool(self.policy.resend_limit_ms))
+            self.feeds[chunk.track] = feed
         if chunk.sequence < feed.next_sequence or chunk.sequence in feed.waiting:
             return  # a replayed or duplicated chunk
         if self.call_start_time_ms is None and chunk.sample_offset == 0:
@@ -94,16 +145,130 @@ class CallTranscription:
         while feed.next_sequence in feed.waiting:
             ready = feed.waiting.pop(feed.next_sequence)
             feed.next_sequence += 1
-            if self.enabled:
+            if self.enabled and not feed.failed:
                 self._send(feed, ready)
 
     def _send(self, feed: _TrackFeed, chunk: AudioChunkCaptured) -> None:
-        if feed.stream is None:
-            feed.base_ms = chunk.offset_ms
+        dropped = feed.spool.add(chunk.offset_ms, chunk.pcm)
+        if dropped:
+            log.warning(
+                "resend buffer full: %d ms of audio can no longer be resent after a failure",
+                dropped,
+                extra=self._extra(feed),
+            )
+        if feed.stream is None and feed.retry_at is None and not feed.closed:
+            self._open(feed)  # the first stream; it hears the spool, this chunk included
+        elif feed.stream is not None:
+            self._write(feed, chunk.offset_ms, chunk.pcm)
+
+    def _write(self, feed: _TrackFeed, call_ms: int, pcm: bytes) -> None:
+        assert feed.stream is not None
+        feed.stream.send(pcm)
+        feed.clock.audio(call_ms, len(pcm) // BYTES_PER_MS)
+        feed.audio_at = self.now
+
+    def _open(self, feed: _TrackFeed) -> None:
+        """A new stream for the track, fed everything since the last final."""
+        try:
             feed.stream = self.engine.open_stream(
                 contact_id=self.contact_id, track=feed.track.value, language=self.language
             )
-        feed.stream.send(chunk.pcm)
+        except (ValueError, FatalSpeechError) as error:
+            self._give_up(feed, error)
+            return
+        feed.streams_opened += 1
+        feed.retry_at = None
+        feed.clock = StreamClock()
+        feed.orphans = sorted({*feed.orphans, *feed.starts.values()})
+        feed.starts.clear()
+        feed.last_partial.clear()
+        for call_ms, pcm in feed.spool.pieces():
+            self._write(feed, call_ms, pcm)
+
+    # --- engine results, failures, keep-alive and rollover ----------------------------
+
+    def _service(self, feed: _TrackFeed) -> list[Event]:
+        if feed.stream is None:
+            if feed.retry_at is not None and self._due(feed.retry_at):
+                self._open(feed)
+            return []
+        try:
+            hypotheses = feed.stream.poll()
+        except SpeechEngineError as error:
+            return self._on_failure(feed, error)
+        if hypotheses:
+            feed.attempts = 0
+        out = self._segments(feed, hypotheses)
+        self._keep_alive(feed)
+        if self._rollover_due(feed):
+            out.extend(self._roll_over(feed))
+        return out
+
+    def _on_failure(self, feed: _TrackFeed, error: SpeechEngineError) -> list[Event]:
+        """Emit what the stream still delivered, then retry later or give up."""
+        out = self._segments(feed, list(error.hypotheses))
+        feed.stream = None
+        feed.attempts += 1
+        if not isinstance(error, RetryableSpeechError) or feed.attempts > self.policy.max_retries:
+            self._give_up(feed, error)
+            return out
+        delay = self.policy.backoff_s(feed.attempts, self.unit_random())
+        feed.retry_at = (self.now or 0.0) + delay
+        log.warning(
+            "speech stream failed (%s); retry %d in %.2f s, resending %d ms",
+            error,
+            feed.attempts,
+            delay,
+            feed.spool.ms,
+            extra=self._extra(feed),
+        )
+        return out
+
+    def _give_up(self, feed: _TrackFeed, error: Exception) -> None:
+        log.error(
+            "transcription of this track stopped after %d attempt(s): %s; %d ms untranscribed",
+            max(1, feed.attempts),
+            error,
+            feed.spool.ms,
+            extra=self._extra(feed),
+        )
+        feed.failed, feed.stream, feed.retry_at = True, None, None
+        feed.spool.clear()
+
+    def _keep_alive(self, feed: _TrackFeed) -> None:
+        if self.now is None or feed.stream is None:
+            return
+        if feed.audio_at is None or self.now - feed.audio_at < self.policy.keepalive_after_s:
+            return
+        feed.stream.send(bytes(self.policy.keepalive_ms * BYTES_PER_MS))
+        feed.clock.silence(self.policy.keepalive_ms)
+        feed.audio_at = self.now
+
+    def _rollover_due(self, feed: _TrackFeed) -> bool:
+        sent = feed.clock.sent_ms
+        if sent < self.policy.rollover_ms:
+            return False
+        return not feed.starts or sent >= self.policy.rollover_ms + self.policy.rollover_grace_ms
+
+    def _roll_over(self, feed: _TrackFeed) -> list[Event]:
+        """Close a long stream and carry on in a new one; the audio since its last
+        final is heard again by the new stream."""
+        log.info("rolling over a stream after %d ms", feed.clock.sent_ms, extra=self._extra(feed))
+        out = self._close_stream(feed)
+        if feed.stream is None and feed.retry_at is None and not feed.failed:
+            self._open(feed)
+        return out
+
+    def _close_stream(self, feed: _TrackFeed) -> list[Event]:
+        assert feed.stream is not None
+        try:
+            hypotheses = feed.stream.close()
+        except SpeechEngineError as error:
+            return self._on_failure(feed, error)
+        feed.stream = None
+        return self._segments(feed, hypotheses)
+
+    # --- the end of the call ------------------------------------------------------
 
     def _all_audio_in(self) -> bool:
         if self.ended is None:
@@ -115,15 +280,22 @@ class CallTranscription:
         return True
 
     def _finish(self) -> list[Event]:
+        """Close every stream; done once each closed cleanly (a failed close is retried)."""
         out: list[Event] = []
         for feed in self.feeds.values():
             if feed.stream is not None:
-                out.extend(self._segments(feed, feed.stream.close()))
-                feed.stream = None
+                out.extend(self._close_stream(feed))
+                if feed.stream is None and feed.retry_at is None:
+                    feed.closed = True
+                    feed.spool.clear()
+        if any(feed.retry_at is not None or feed.stream for feed in self.feeds.values()):
+            return out
         assert self.ended is not None
         out.append(self.ended)
         self.done = True
         return out
+
+    # --- hypotheses to segments ---------------------------------------------------
 
     def _segments(self, feed: _TrackFeed, hypotheses: list[Hypothesis]) -> list[Event]:
         out: list[Event] = []
@@ -135,29 +307,67 @@ class CallTranscription:
 
     def _segment(self, feed: _TrackFeed, hyp: Hypothesis) -> TranscriptSegmentProduced | None:
         text = hyp.text.strip()
-        start = feed.starts.setdefault(hyp.result_id, feed.base_ms + hyp.start_ms)
+        span = feed.clock.span(hyp.start_ms, hyp.end_ms)
+        if span is None or (span[1] <= feed.committed_ms and not hyp.is_partial):
+            self._retire(feed, hyp)  # only filler silence, or already final
+            return None
+        start = feed.starts.get(hyp.result_id)
+        if start is None:
+            start = self._pin(feed, hyp.result_id, max(span[0], feed.committed_ms))
         if hyp.is_partial:
             if not text or feed.last_partial.get(hyp.result_id) == text:
                 return None
             feed.last_partial[hyp.result_id] = text
-        else:
+            return self._produce(feed, hyp, text, start, span[1])
+        self._retire(feed, hyp)
+        if not text or start <= feed.last_final_start:
+            return None
+        self._commit(feed, hyp, start, span[1])
+        return self._produce(feed, hyp, text, start, span[1])
+
+    def _pin(self, feed: _TrackFeed, result_id: str, start: int) -> int:
+        """A new result's start; near a partial a failed stream orphaned, that one's."""
+        for orphan in feed.orphans:
+            if abs(orphan - start) <= _ORPHAN_TOLERANCE_MS and orphan > feed.last_final_start:
+                feed.orphans.remove(orphan)
+                start = orphan
+                break
+        feed.starts[result_id] = start
+        return start
+
+    def _retire(self, feed: _TrackFeed, hyp: Hypothesis) -> None:
+        if not hyp.is_partial:
             feed.starts.pop(hyp.result_id, None)
             feed.last_partial.pop(hyp.result_id, None)
-            if not text:
-                return None
+
+    def _commit(self, feed: _TrackFeed, hyp: Hypothesis, start: int, end: int) -> None:
+        feed.last_final_start = start
+        feed.committed_ms = max(feed.committed_ms, end)
+        feed.orphans = [o for o in feed.orphans if o > end]
+        feed.spool.release_before(feed.committed_ms)
+        feed.clock.forget_before(hyp.end_ms)
+
+    def _produce(
+        self, feed: _TrackFeed, hyp: Hypothesis, text: str, start: int, end: int
+    ) -> TranscriptSegmentProduced:
+        words = []
+        for w in hyp.words:
+            span = feed.clock.span(w.start_ms, w.end_ms)
+            if span is not None:
+                words.append(WordTiming(w.text, span[0], span[1], w.confidence))
         return TranscriptSegmentProduced(
             contact_id=self.contact_id,
             track=feed.track,
             segment_id=f"{self.contact_id}:{feed.track.value}:{start}",
             start_ms=start,
-            end_ms=max(start, feed.base_ms + hyp.end_ms),
+            end_ms=max(start, end),
             transcript=text,
             is_partial=hyp.is_partial,
-            words=tuple(
-                WordTiming(w.text, feed.base_ms + w.start_ms, feed.base_ms + w.end_ms, w.confidence)
-                for w in hyp.words
-            ),
+            words=tuple(words),
             engine=self.engine.name,
             language_code=self.language,
             call_start_time_ms=self.call_start_time_ms,
         )
+
+    def _extra(self, feed: _TrackFeed) -> dict[str, str]:
+        return {"contact_id": self.contact_id, "track": feed.track.value}

@@ -1,0 +1,114 @@
+"""The transcriber's own settings: Amazon Transcribe options, recovery and decoding threads.
+
+Read from `CALLSTREAM_TRANSCRIBE_*` variables once at start-up; a bad value is a
+`ConfigError` naming the variable. The shared settings (bus, engine choice,
+region, default language) stay in `callstream.config.TranscriberSettings`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from callstream.config import Env
+from callstream.errors import ConfigError
+from services.transcriber.recovery import RecoveryPolicy
+
+P = "CALLSTREAM_TRANSCRIBE_"
+_PII_MODES = ("off", "identify", "redact")
+
+
+@dataclass(frozen=True)
+class TranscribeOptions:
+    """Amazon Transcribe request options, the recovery policy and offline decoding threads."""
+
+    endpoint_url: str | None
+    vocabulary_name: str | None
+    vocabulary_filter_name: str | None
+    vocabulary_filter_method: str | None
+    partial_results_stability: str | None
+    pii_mode: str
+    pii_entity_types: tuple[str, ...]
+    policy: RecoveryPolicy
+    workers: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TranscribeOptions:
+        """Validate the `CALLSTREAM_TRANSCRIBE_*` variables."""
+        raw = os.environ if environ is None else environ
+        env = Env(raw)
+        options = cls(
+            endpoint_url=_endpoint(raw.get(P + "ENDPOINT_URL") or None),
+            vocabulary_name=raw.get(P + "VOCABULARY_NAME") or None,
+            vocabulary_filter_name=raw.get(P + "VOCABULARY_FILTER_NAME") or None,
+            vocabulary_filter_method=_optional_choice(
+                env, raw, "VOCABULARY_FILTER_METHOD", ("remove", "mask", "tag")
+            ),
+            partial_results_stability=_optional_choice(
+                env, raw, "PARTIAL_STABILITY", ("low", "medium", "high")
+            ),
+            pii_mode=env.choice(P + "PII", "off", _PII_MODES),
+            pii_entity_types=_names(raw.get(P + "PII_ENTITY_TYPES", "")),
+            policy=_policy(env),
+            workers=env.integer(P + "WORKERS", max(1, os.cpu_count() or 1), 1, 64),
+        )
+        options._check()
+        return options
+
+    def _check(self) -> None:
+        if self.vocabulary_filter_method and not self.vocabulary_filter_name:
+            raise ConfigError(
+                f"{P}VOCABULARY_FILTER_METHOD needs {P}VOCABULARY_FILTER_NAME to be set"
+            )
+        if self.pii_entity_types and self.pii_mode == "off":
+            raise ConfigError(f"{P}PII_ENTITY_TYPES needs {P}PII=identify or redact")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `TranscribeEngine`, besides region and language."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "vocabulary_name": self.vocabulary_name,
+            "vocabulary_filter_name": self.vocabulary_filter_name,
+            "vocabulary_filter_method": self.vocabulary_filter_method,
+            "partial_results_stability": self.partial_results_stability,
+            "pii_entity_types": self.pii_entity_types,
+            "content_redaction_type": "PII" if self.pii_mode == "redact" else None,
+            "content_identification_type": "PII" if self.pii_mode == "identify" else None,
+        }
+
+
+def _policy(env: Env) -> RecoveryPolicy:
+    return RecoveryPolicy(
+        max_retries=env.integer(P + "MAX_RETRIES", 8, 1, 100),
+        backoff_base_s=env.integer(P + "BACKOFF_MS", 250, 1, 60_000) / 1000,
+        backoff_max_s=env.integer(P + "BACKOFF_MAX_MS", 20_000, 1, 600_000) / 1000,
+        resend_limit_ms=env.integer(P + "RESEND_LIMIT_S", 300, 10, 3600) * 1000,
+        keepalive_after_s=env.integer(P + "KEEPALIVE_AFTER_MS", 5_000, 100, 14_000) / 1000,
+        rollover_ms=env.integer(P + "ROLLOVER_S", 14_100, 60, 14_340) * 1000,
+    )
+
+
+def _endpoint(value: str | None) -> str | None:
+    if value is not None and not value.startswith("https://"):
+        raise ConfigError(
+            f"{P}ENDPOINT_URL must be an https:// URL (HTTP/2 needs TLS), got {value!r}"
+        )
+    return value
+
+
+def _optional_choice(
+    env: Env, raw: Mapping[str, str], name: str, choices: tuple[str, ...]
+) -> str | None:
+    if not raw.get(P + name):
+        return None
+    return env.choice(P + name, choices[0], choices)
+
+
+def _names(value: str) -> tuple[str, ...]:
+    names = tuple(part.strip().upper() for part in value.split(",") if part.strip())
+    for name in names:
+        if not name.replace("_", "").isalnum():
+            raise ConfigError(f"{P}PII_ENTITY_TYPES must be comma-separated names, got {value!r}")
+    return names
