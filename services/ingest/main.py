@@ -28,7 +28,11 @@ class IngestHandler:
 
     def __init__(self, settings: IngestSettings) -> None:
         self.settings = settings
-        self.media = KvsMedia(settings.bus.region)
+        self.media = KvsMedia(
+            settings.bus.region,
+            read_timeout_s=min(5.0, settings.idle_timeout_s),
+            max_connections=settings.max_concurrent_calls + 8,
+        )
         self.audio = publisher(settings.bus, settings.bus.audio_stream)
         self.pool = ThreadPoolExecutor(settings.max_concurrent_calls, thread_name_prefix="call")
         self.sessions: dict[str, Future[object]] = {}
@@ -40,7 +44,13 @@ class IngestHandler:
             )
         if event.contact_id in self.sessions:
             return  # a replay of a call already running here
-        session = CallSession(event, self.media, self.audio, self.settings.chunk_ms)
+        session = CallSession(
+            event,
+            self.media,
+            self.audio,
+            self.settings.chunk_ms,
+            idle_timeout_s=self.settings.idle_timeout_s,
+        )
         self.sessions[event.contact_id] = self.pool.submit(session.run)
 
     def is_settled(self, contact_id: str) -> bool:

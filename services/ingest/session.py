@@ -1,26 +1,41 @@
-"""One call's ingest session: read its KVS stream, publish its audio events.
+"""One call's ingest session: read its KVS stream (or input file), publish its audio events.
 
 The start fragment is fetched first through GetMediaForFragmentList, then
 GetMedia continues after it; fragments seen twice (a server that treats
 FRAGMENT_NUMBER as inclusive) are skipped by the core, so either reading of
 the KVS documentation gives the same chunks.
+
+A GetMedia connection that drops, stalls or ends on purpose (its data
+endpoint is due for a refresh) is re-opened with StartSelector
+CONTINUATION_TOKEN; the same `CallIngest` keeps going, and skips what it
+already took of a fragment sent again. The call ends when the core says so
+(ContactId changed, no audio track), when the server ends the stream, when no
+new fragment came for `idle_timeout_s`, or after `max_failures` reconnects in
+a row without progress.
+
+File mode (`stream_arn` is an `s3://` URI): the object is read in pieces and
+published as fast as it decodes, through the same core and events.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from typing import Any
 
 from callstream.bus.ports import EventSink
-from callstream.errors import MediaStreamError
-from callstream.events import CallEnded, CallStarted, EndReason, Event
+from callstream.errors import MediaStreamError, RetryableError
+from callstream.events import CallEnded, CallStarted, EndReason, Event, Track
 from callstream.mkv.reader import MkvStreamReader
 from services.ingest.core import CallIngest
-from services.ingest.media import KvsMedia
+from services.ingest.media import EndpointExpired, KvsMedia, ReadStalled, iter_s3_object
+from services.ingest.pcmfile import PcmFileReader
 
 log = logging.getLogger(__name__)
+
+_FILE_TRACKS = (Track.FROM_CUSTOMER, Track.TO_CUSTOMER)
 
 
 class CallSession:
@@ -33,52 +48,122 @@ class CallSession:
         audio: EventSink,
         chunk_ms: int,
         clock: Callable[[], float] = time.time,
+        *,
+        idle_timeout_s: float = 30.0,
+        max_failures: int = 8,
+        retry_delay_s: float = 0.2,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.call = call
         self.media = media
         self.audio = audio
         self.core = CallIngest(call.contact_id, chunk_ms)
         self.clock = clock
+        self.idle_timeout_s = idle_timeout_s
+        self.max_failures = max_failures
+        self.retry_delay_s = retry_delay_s
+        self.monotonic = monotonic
+        self.sleep = sleep
         self.extra = {"contact_id": call.contact_id}
+        self.connections = 0
+        self._seen = 0
+        self._last_fragment_at = monotonic()
+
+    @property
+    def reconnects(self) -> int:
+        """GetMedia connections opened after the first."""
+        return max(0, self.connections - 1)
 
     def run(self) -> CallEnded:
         """Publish CallStarted, the call's chunks, then CallEnded; return the latter."""
         self.audio.publish([self.call])
         try:
-            self._read_all()
-            reason, detail = EndReason.END_OF_STREAM, "the media stream ended"
+            if self.call.stream_arn.startswith("s3://"):
+                reason, detail = self._read_file()
+            else:
+                reason, detail = self._read_stream()
         except MediaStreamError as e:
             log.error("cannot read media: %s", e, extra=self.extra)
             reason, detail = EndReason.ERROR, str(e)
-        events = self.core.finish(reason, detail, int(self.clock() * 1000))
-        self.audio.publish(events)
+        now_ms = int(self.clock() * 1000)
+        self.audio.publish(self.core.finish(reason, detail, now_ms, self.reconnects))
         ended = self.core.ended
         assert ended is not None
-        log.info("call ended: %s", ended.reason.value, extra=self.extra)
+        log.info("call ended: %s (%s)", ended.reason.value, ended.detail, extra=self.extra)
         return ended
 
-    def _read_all(self) -> None:
+    # --- KVS --------------------------------------------------------------------
+    def _read_stream(self) -> tuple[EndReason, str]:
         start = self.call.start_fragment_number
-        if start is None:
-            self._consume(self.media.get_media(self.call.stream_arn, {"StartSelectorType": "NOW"}))
-            return
-        try:
-            self._consume(self.media.get_fragments(self.call.stream_arn, [start]))
-        except MediaStreamError as e:
-            log.warning(
-                "start fragment not readable on its own (%s); GetMedia only", e, extra=self.extra
-            )
-        if not self.core.wants_end:
-            selector = {"StartSelectorType": "FRAGMENT_NUMBER", "AfterFragmentNumber": start}
-            self._consume(self.media.get_media(self.call.stream_arn, selector))
+        if start is not None:
+            try:
+                self._consume(self.media.get_fragments(self.call.stream_arn, [start]))
+            except (MediaStreamError, RetryableError) as e:
+                log.warning(
+                    "start fragment not readable on its own (%s); GetMedia only",
+                    e,
+                    extra=self.extra,
+                )
+        self._last_fragment_at = self.monotonic()
+        failures = 0
+        while not self.core.wants_end:
+            seen = self.core.fragments_seen
+            try:
+                if self._consume(self.media.get_media(self.call.stream_arn, self._selector())):
+                    return EndReason.END_OF_STREAM, "the media stream ended"
+            except ReadStalled:
+                pass  # silence: the idle check below decides
+            except EndpointExpired as e:
+                log.info("data endpoint expired (%s); fetching a new one", e, extra=self.extra)
+            except RetryableError as e:
+                failures = 0 if self.core.fragments_seen > seen else failures + 1
+                if failures > self.max_failures:
+                    raise MediaStreamError(f"gave up after {failures} failed reads: {e}") from e
+                log.warning("media read failed (%s); resuming", e, extra=self.extra)
+                self.sleep(self.retry_delay_s * (2 ** min(failures, 5)) * random.random())
+            if self._idle():
+                return EndReason.IDLE_TIMEOUT, f"no new fragment for {self.idle_timeout_s:g} s"
+        return EndReason.END_OF_STREAM, "the media stream ended"
 
-    def _consume(self, body: Iterable[bytes]) -> None:
+    def _selector(self) -> dict[str, Any]:
+        token, start = self.core.continuation_token, self.call.start_fragment_number
+        self.connections += 1
+        if self.connections > 1 and token is not None:
+            return {"StartSelectorType": "CONTINUATION_TOKEN", "ContinuationToken": token}
+        after = self.core.last_completed_fragment or start
+        if after is None:
+            return {"StartSelectorType": "NOW"}
+        return {"StartSelectorType": "FRAGMENT_NUMBER", "AfterFragmentNumber": after}
+
+    def _idle(self) -> bool:
+        return self.monotonic() - self._last_fragment_at >= self.idle_timeout_s
+
+    def _consume(self, body: Generator[bytes, None, None]) -> bool:
+        """Read one connection; True if the server ended it, False if we left it early."""
         reader = MkvStreamReader()
-        for data in body:
-            self._publish_events(reader.feed(data))
-            if self.core.wants_end:
-                return
-        self._publish_events(reader.close())
+        token = self.core.continuation_token
+        try:
+            for data in body:
+                self._publish_events(reader.feed(data))
+                if self.core.wants_end:
+                    return True
+                if self._leave_early(token):
+                    return False
+            self._publish_events(reader.close())
+            return True
+        finally:
+            body.close()  # releases the connection at once when we leave early
+
+    def _leave_early(self, token: str | None) -> bool:
+        """At a fragment boundary, with the endpoint due for a refresh, or when idle."""
+        if self.core.fragments_seen != self._seen:
+            self._seen = self.core.fragments_seen
+            self._last_fragment_at = self.monotonic()
+        elif self._idle():
+            return True
+        at_boundary = self.core.continuation_token != token
+        return at_boundary and self.media.endpoint_stale(self.call.stream_arn)
 
     def _publish_events(self, mkv_events: list[Any]) -> None:
         out: list[Event] = []
@@ -88,3 +173,26 @@ class CallSession:
                 break
         if out:
             self.audio.publish(out)
+
+    # --- file mode ----------------------------------------------------------------
+    def _read_file(self) -> tuple[EndReason, str]:
+        reader = PcmFileReader()
+        samples = 0  # per channel, so times do not drift with odd piece sizes
+        pieces: Iterable[bytes] = iter_s3_object(self.media.region, self.call.stream_arn)
+        for data in pieces:
+            samples = self._publish_pcm(reader.feed(data), samples)
+        self._publish_pcm(reader.close(), samples)
+        if reader.channels is None:
+            return EndReason.NO_AUDIO_TRACK, "the input file is empty"
+        return EndReason.END_OF_STREAM, "the input file ended"
+
+    def _publish_pcm(self, channels: list[bytes], samples: int) -> int:
+        """Publish one run per channel starting `samples` into the file; return the new count."""
+        time_ms = self.call.requested_at_ms + samples // 8
+        out: list[Event] = []
+        for track, pcm in zip(_FILE_TRACKS, channels, strict=False):
+            if pcm:
+                out.extend(self.core.accept_pcm(track, pcm, time_ms))
+        if out:
+            self.audio.publish(out)
+        return samples + (len(channels[0]) // 2 if channels else 0)
