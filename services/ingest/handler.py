@@ -1,8 +1,9 @@
 """The trigger Lambda: a Connect contact flow (or the reference's event) starts a call.
 
 `lambda_handler` validates the event, publishes `CallStarted` to the calls
-stream and returns at once; the ingest workers do the reading. A malformed
-event is answered with the reason and nothing is published.
+stream and returns at once (an `inputFileName` event becomes a file-mode call
+on `s3://RECORDINGS_BUCKET_NAME/INPUT_KEY_PREFIX<inputFileName>`); the ingest
+workers do the reading. A malformed event is answered with the reason and nothing is published.
 """
 
 from __future__ import annotations
@@ -28,8 +29,13 @@ def _calls_publisher() -> KinesisPublisher:
 
 def lambda_handler(event: Any, context: Any = None) -> dict[str, Any]:
     """Publish CallStarted for a valid event; report the error for an invalid one."""
+    env = Env()
     try:
-        call = parse_trigger(event)
+        call = parse_trigger(
+            event,
+            input_bucket=env.text("RECORDINGS_BUCKET_NAME", "") or None,
+            input_prefix=env.text("INPUT_KEY_PREFIX", ""),
+        )
     except InvalidTriggerEvent as e:
         log.error("refused trigger event: %s", e)
         return {"status": "refused", "reason": str(e)}

@@ -7,6 +7,14 @@ Accepts both shapes users have today:
   `MediaStreams.Customer.Audio` carries the stream and start fragment and whose
   `Attributes.transcribeCall` / `languageCode` switch transcription and language.
 
+File mode, as the reference: an event with `inputFileName` (and no stream)
+asks for a recording in S3 to be transcribed as if it were a call. The
+object is `s3://<input_bucket>/<input_prefix><inputFileName>` (the handler
+passes RECORDINGS_BUCKET_NAME and INPUT_KEY_PREFIX); that URI goes in
+CallStarted's `stream_arn`, as its schema allows. Without a
+`connectContactId` the contact id is derived from the URI, so a repeated
+trigger names the same call.
+
 Pure: parsing and validation only. `lambda_handler` is the thin AWS edge.
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from typing import Any
 
 from callstream.errors import InvalidTriggerEvent
@@ -24,18 +33,31 @@ STREAM_ARN = re.compile(
 )
 FRAGMENT_NUMBER = re.compile(r"^\d{1,128}$")
 CONTACT_ID = re.compile(r"^[A-Za-z0-9-]{1,256}$")
+INPUT_FILE_NAME = re.compile(r"^(?!/)(?!.*(?:^|/)\.\.(?:/|$))[A-Za-z0-9!_.*'()/ -]{1,900}$")
 SUPPORTED_LANGUAGES = ("en-US", "es-US")
 
 
-def parse_trigger(event: Any, now_ms: int | None = None) -> CallStarted:
+def parse_trigger(
+    event: Any,
+    now_ms: int | None = None,
+    *,
+    input_bucket: str | None = None,
+    input_prefix: str = "",
+) -> CallStarted:
     """Validate a trigger event of either shape; raise InvalidTriggerEvent saying what is wrong."""
     if not isinstance(event, dict):
         raise InvalidTriggerEvent(
             f"trigger event must be a JSON object, got {type(event).__name__}"
         )
     fields = _connect_fields(event) if "Details" in event else _reference_fields(event)
+    if event.get("inputFileName") not in (None, "") and not fields.get("stream ARN"):
+        stream_arn = _input_uri(event["inputFileName"], input_bucket, input_prefix)
+        fields.setdefault("contact id", None)
+        if not fields["contact id"]:
+            fields["contact id"] = str(uuid.uuid5(uuid.NAMESPACE_URL, stream_arn))
+    else:
+        stream_arn = _require(fields, "stream ARN", STREAM_ARN)
     contact_id = _require(fields, "contact id", CONTACT_ID)
-    stream_arn = _require(fields, "stream ARN", STREAM_ARN)
     fragment = fields.get("start fragment number")
     if fragment not in (None, "") and not FRAGMENT_NUMBER.match(str(fragment)):
         raise InvalidTriggerEvent(f"start fragment number must be digits, got {fragment!r}")
@@ -77,6 +99,16 @@ def _connect_fields(event: dict[str, Any]) -> dict[str, Any]:
         "instance id": _instance_of(data.get("InstanceARN")),
         "attributes": attributes,
     }
+
+
+def _input_uri(name: Any, bucket: str | None, prefix: str) -> str:
+    if not isinstance(name, str) or not INPUT_FILE_NAME.match(name):
+        raise InvalidTriggerEvent(
+            f"inputFileName must be a relative S3 key without '..', got {name!r}"
+        )
+    if not bucket:
+        raise InvalidTriggerEvent("inputFileName needs RECORDINGS_BUCKET_NAME to be set")
+    return f"s3://{bucket}/{prefix}{name}"
 
 
 def _require(fields: dict[str, Any], name: str, pattern: re.Pattern[str]) -> str:
