@@ -196,3 +196,14 @@ def test_a_truncated_stream_keeps_what_came_before() -> None:
     assert len(got) > len(customer) // 2 + len(customer) // 8
     assert customer.startswith(got)
     assert events[-1].stream_errors == 1
+
+
+def test_first_chunk_of_a_fragment_does_not_wait_for_the_fragment_end() -> None:
+    parts = _fragments(_pcm(1.024, 32), _pcm(1.024, 33))
+    core = CallIngest(CONTACT, 128)
+    cluster = parts[0].find(b"\x1f\x43\xb6\x75")
+    # Header, tags and the first 2 blocks of each track (~128 ms) of a 1 s fragment:
+    events = _feed(core, parts[0][: cluster + 4 * (1024 + 8) + 40], close=False)
+    chunks = [e for e in events if isinstance(e, AudioChunkCaptured)]
+    assert {c.track for c in chunks} == set(Track)
+    assert all(len(c.pcm) == 128 * 16 for c in chunks)
