@@ -762,8 +762,8 @@ def _dump_into(
 class _Progress:
     """Bytes read, to stderr, at most once a second."""
 
-    def __init__(self, out: TextIO = sys.stderr) -> None:
-        self.out = out
+    def __init__(self, out: TextIO | None = None) -> None:
+        self.out = out or sys.stderr
         self.total = 0
         self._last = time.monotonic()
 
