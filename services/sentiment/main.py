@@ -1,0 +1,122 @@
+"""Sentiment service: the transcripts stream -> one sentiment row per final segment.
+
+A new consumer added without touching the other services: it reads the
+transcripts stream under its own lease group (`sentiment`), so it gets every
+record the persister gets, and writes to its own table. See docs/add-a-consumer.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from callstream import aws
+from callstream import log as logsetup
+from callstream.bus.ports import Record
+from callstream.config import BusSettings, Env
+from callstream.errors import StoreUnavailable
+from callstream.events import Event
+from callstream.service import load_settings, run_service
+from services.sentiment.core import Scorer, row_for
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SentimentSettings:
+    """Where rows go and which engine scores them."""
+
+    bus: BusSettings
+    engine: str
+    table: str
+    comprehend_region: str
+    ttl_days: int
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> SentimentSettings:
+        """CALLSTREAM_SENTIMENT_ENGINE, CALLSTREAM_SENTIMENT_TABLE, COMPREHEND_REGION."""
+        env = Env(environ)
+        bus = BusSettings.from_env(env)
+        return cls(
+            bus=bus,
+            engine=env.choice("CALLSTREAM_SENTIMENT_ENGINE", "offline", ("offline", "comprehend")),
+            table=env.name("CALLSTREAM_SENTIMENT_TABLE", "callstream-sentiment"),
+            comprehend_region=env.region("COMPREHEND_REGION", bus.region),
+            ttl_days=env.integer("CALLSTREAM_TRANSCRIPT_TTL_DAYS", 7, minimum=1),
+        )
+
+
+class SentimentHandler:
+    """Scores each final segment and writes its row before the record is checkpointed."""
+
+    def __init__(self, settings: SentimentSettings, scorer: Scorer, dynamodb: Any) -> None:
+        self.settings = settings
+        self.scorer = scorer
+        self.table = dynamodb.Table(settings.table)
+
+    def handle(self, event: Event, record: Record) -> None:
+        now_ms = int(time.time() * 1000)
+        for row in row_for(event, self.scorer, self.settings.table, self.settings.ttl_days, now_ms):
+            try:
+                self.table.put_item(Item=row.item)
+            except (ClientError, BotoCoreError) as e:
+                raise StoreUnavailable(f"DynamoDB put to {row.table} failed: {e}") from e
+
+    def is_settled(self, contact_id: str) -> bool:
+        return True
+
+    def tick(self) -> None:
+        return None
+
+    def forget(self, contact_ids: Iterable[str]) -> None:
+        return None
+
+
+def ensure_table(dynamodb_client: Any, name: str) -> None:
+    """Create the sentiment table (ContactId hash, SegmentId range) if missing."""
+    with contextlib.suppress(dynamodb_client.exceptions.ResourceInUseException):
+        dynamodb_client.create_table(
+            TableName=name,
+            KeySchema=[
+                {"AttributeName": "ContactId", "KeyType": "HASH"},
+                {"AttributeName": "SegmentId", "KeyType": "RANGE"},
+            ],
+            AttributeDefinitions=[
+                {"AttributeName": "ContactId", "AttributeType": "S"},
+                {"AttributeName": "SegmentId", "AttributeType": "S"},
+            ],
+            BillingMode="PAY_PER_REQUEST",
+        )
+    dynamodb_client.get_waiter("table_exists").wait(TableName=name)
+
+
+def make_scorer(settings: SentimentSettings) -> Scorer:
+    """The configured engine."""
+    if settings.engine == "comprehend":
+        from services.sentiment.engines import ComprehendScorer
+
+        return ComprehendScorer(aws.client("comprehend", settings.comprehend_region))
+    from services.sentiment.engines import VaderScorer
+
+    return VaderScorer()
+
+
+def main() -> None:
+    """Entry point: `python -m services.sentiment.main`."""
+    logsetup.configure("sentiment")
+    settings = load_settings(SentimentSettings.from_env)
+    region = settings.bus.region
+    ensure_table(aws.client("dynamodb", region), settings.table)
+    resource = aws.session(region).resource("dynamodb", config=aws.client_config())
+    handler = SentimentHandler(settings, make_scorer(settings), resource)
+    run_service("sentiment", settings.bus, settings.bus.transcripts_stream, handler)
+
+
+if __name__ == "__main__":
+    main()
