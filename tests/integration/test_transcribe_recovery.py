@@ -45,8 +45,12 @@ SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "call"
 TRACK = Track.TO_CUSTOMER
 CHUNK_BYTES = 2048  # 128 ms, as ingest sends
 RECORD = Record("audio", "shard-0", "1", "c", b"")
+IDLE_TIMEOUT_S = 4.0  # the endpoint's (15 s in the service); keep-alive after 0.5 s
 POLICY = RecoveryPolicy(backoff_base_s=0.05, backoff_max_s=0.2, keepalive_after_s=0.5)
-WER_BOUND = 0.10  # the offline engine measured 0.00-0.03 on this track
+WER_BOUND = 0.10
+# Played before any fault: its audio goes out in at most 94 AudioEvents (128 ms or
+# more each), so a fault after 100 events or more strikes after it.
+FIRST_PART_MS = 12_000  # the offline engine measured 0.00-0.03 on this track
 
 
 class ListSink:
@@ -79,7 +83,9 @@ def reference_text() -> str:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[LocalTranscribeServer]:
-    with LocalTranscribeServer(OfflineEngine(partials=False), idle_timeout_s=2.0) as running:
+    with LocalTranscribeServer(
+        OfflineEngine(partials=False), idle_timeout_s=IDLE_TIMEOUT_S
+    ) as running:
         yield running
 
 
@@ -105,8 +111,8 @@ class Call:
         self.sequence = 0
         handler.handle(CallStarted(contact_id, "arn", 0, language_code="en-US"), RECORD)
 
-    def play(self, pcm: bytes, chunks_per_tick: int = 8, tick_s: float = 0.05) -> None:
-        """About 20x real time by default: results come back while the call plays."""
+    def play(self, pcm: bytes, chunks_per_tick: int = 8, tick_s: float = 0.02) -> None:
+        """Faster than real time, ticking the handler between every second of audio."""
         for at in range(0, len(pcm), CHUNK_BYTES):
             offset = self.sequence * CHUNK_BYTES // 2
             chunk = AudioChunkCaptured(
@@ -129,6 +135,12 @@ class Call:
         while time.monotonic() < deadline:
             self.handler.tick()
             time.sleep(0.02)
+
+    def wait_for_final(self, sink: ListSink, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not finals(sink.events):
+            assert time.monotonic() < deadline, "no final came back"
+            self.idle(0.02)
 
     def end(self, timeout_s: float = 60.0) -> None:
         counts = {TRACK.value: self.sequence}
@@ -175,7 +187,10 @@ def test_each_retryable_fault_mid_call_loses_no_word_and_repeats_none(
     server.inject(fault)
     sink = ListSink()
     call = Call(TranscriberHandler(engine, sink, "en-US", POLICY), f"fault-{fault.exception}")
-    call.play(agent_pcm())
+    pcm, first = agent_pcm(), FIRST_PART_MS * 16
+    call.play(pcm[:first])
+    call.wait_for_final(sink)  # so the failure comes after a final, whatever the load
+    call.play(pcm[first:])
     call.end()
     check_each_word_once(sink.events)
     streams = server.streams[before:]
@@ -189,16 +204,16 @@ def test_a_silent_stretch_and_a_pause_in_the_audio_keep_one_stream_and_lose_noth
     server: LocalTranscribeServer, engine: TranscribeEngine
 ) -> None:
     """30 s of silent audio, and within it a pause (no chunks) past the endpoint's
-    idle timeout (2 s here, 15 s in the service): keep-alive silence holds the
+    idle timeout (4 s here, 15 s in the service): keep-alive silence holds the
     stream open, the speech after the silence is transcribed."""
     pcm = agent_pcm()
     cut = 20_000 * 16  # 20 s: between two agent turns
     before = len(server.streams)
     sink = ListSink()
     call = Call(TranscriberHandler(engine, sink, "en-US", POLICY), "silence-1")
-    call.play(pcm[:cut] + bytes(15_000 * 16), tick_s=0.02)
-    call.idle(3.0)  # no audio arrives for longer than the idle timeout
-    call.play(bytes(15_000 * 16) + pcm[cut:], tick_s=0.02)
+    call.play(pcm[:cut] + bytes(15_000 * 16))
+    call.idle(IDLE_TIMEOUT_S + 1.0)  # no audio arrives for longer than the idle timeout
+    call.play(bytes(15_000 * 16) + pcm[cut:])
     call.end()
     check_each_word_once(sink.events)
     assert len(server.streams) - before == 1  # never timed out
