@@ -1,0 +1,205 @@
+"""Live view: a web page on 127.0.0.1 with the calls in progress and their transcripts.
+
+Follows the calls stream (CallStarted) and the transcripts stream (segments,
+CallEnded) with `StreamTail` (no leases: every viewer sees everything), looks
+for a call's WAVs in S3 once it ended, and serves the page, its JSON board and
+the recordings (proxied from S3, so the bucket stays private).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from botocore.exceptions import BotoCoreError, ClientError
+
+from callstream import aws
+from callstream import log as logsetup
+from callstream.bus.tail import StreamTail
+from callstream.config import BusSettings, Env
+from callstream.errors import PoisonRecordError
+from callstream.events import Track
+from callstream.service import load_settings
+from services.liveview.core import CallBoard
+from services.liveview.page import PAGE
+
+log = logging.getLogger(__name__)
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class LiveViewSettings:
+    """Where to listen and where the recordings are."""
+
+    bus: BusSettings
+    port: int
+    bucket: str
+    key_prefix: str
+    from_latest: bool
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> LiveViewSettings:
+        """CALLSTREAM_LIVEVIEW_PORT/_FROM, RECORDINGS_BUCKET_NAME, RECORDINGS_KEY_PREFIX."""
+        env = Env(environ)
+        return cls(
+            bus=BusSettings.from_env(env),
+            port=env.integer("CALLSTREAM_LIVEVIEW_PORT", 8080, minimum=0, maximum=65535),
+            bucket=env.text("RECORDINGS_BUCKET_NAME"),
+            key_prefix=env.text("RECORDINGS_KEY_PREFIX", "recordings/"),
+            from_latest=env.choice("CALLSTREAM_LIVEVIEW_FROM", "start", ("start", "latest"))
+            == "latest",
+        )
+
+
+class LiveView:
+    """The board, the stream followers and the S3 look-ups, shared by the HTTP threads."""
+
+    def __init__(self, settings: LiveViewSettings) -> None:
+        self.settings = settings
+        self.board = CallBoard()
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        region = settings.bus.region
+        self.s3 = aws.client("s3", region)
+        kinesis = aws.client("kinesis", region)
+        latest = settings.from_latest
+        self.tails = [
+            StreamTail(kinesis, settings.bus.calls_stream, latest=latest),
+            StreamTail(kinesis, settings.bus.transcripts_stream, latest=latest),
+        ]
+
+    def follow(self, stop: threading.Event) -> None:
+        """Poll both streams and S3 until `stop`; a failed poll is logged and retried."""
+        while not stop.is_set():
+            try:
+                busy = self._poll_streams()
+                self._look_for_recordings()
+            except (ClientError, BotoCoreError) as e:
+                log.warning("poll failed, retrying: %s", e)
+                busy = False
+            if not busy:
+                stop.wait(0.3)
+
+    def wait_for_change(self, after: int, timeout_s: float) -> dict[str, Any]:
+        """The board once its version differs from `after` (or after the timeout)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.board.version != after, timeout=timeout_s)
+            return self.board.snapshot()
+
+    def recording(self, key: str) -> Any | None:
+        """The S3 object of a recording on the board, or None."""
+        with self.lock:
+            if not self.board.knows_recording(key):
+                return None
+        return self.s3.get_object(Bucket=self.settings.bucket, Key=key)
+
+    def _poll_streams(self) -> bool:
+        events = [e for tail in self.tails for e in tail.poll()]
+        with self.changed:
+            for event in events:
+                if not isinstance(event, PoisonRecordError):
+                    self.board.apply(event)
+            if events:
+                self.changed.notify_all()
+        return bool(events)
+
+    def _look_for_recordings(self) -> None:
+        with self.lock:
+            waiting = self.board.awaiting_recordings()
+        for contact_id in waiting:
+            prefix = f"{self.settings.key_prefix}{contact_id}"
+            listed = self.s3.list_objects_v2(Bucket=self.settings.bucket, Prefix=prefix)
+            for item in listed.get("Contents", []):
+                for track in Track:
+                    if item["Key"].endswith(f"_{track.value}.wav"):
+                        with self.changed:
+                            self.board.add_recording(contact_id, track.speaker, item["Key"])
+                            self.changed.notify_all()
+
+
+class Handler(BaseHTTPRequestHandler):
+    """GET /, /api/calls?after=N (long poll), /recordings/<key>, /healthz."""
+
+    view: LiveView
+
+    def do_GET(self) -> None:
+        url = urlsplit(self.path)
+        if url.path == "/":
+            self._send(200, "text/html; charset=utf-8", PAGE.encode())
+        elif url.path == "/api/calls":
+            after = _after(url.query)
+            board = self.view.wait_for_change(after, timeout_s=10.0 if after >= 0 else 0.0)
+            self._send(200, "application/json", json.dumps(board).encode())
+        elif url.path.startswith("/recordings/"):
+            self._recording(unquote(url.path.removeprefix("/recordings/")))
+        elif url.path == "/healthz":
+            self._send(200, "text/plain", b"ok\n")
+        else:
+            self._send(404, "text/plain", b"not found\n")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("http: " + format, *args)
+
+    def _recording(self, key: str) -> None:
+        try:
+            obj = self.view.recording(key)
+        except (ClientError, BotoCoreError) as e:
+            log.warning("recording %s unavailable: %s", key, e)
+            obj = None
+        if obj is None:
+            self._send(404, "text/plain", b"no such recording\n")
+            return
+        self._send(200, "audio/wav", obj["Body"].read())
+
+    def _send(self, status: int, content_type: str, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def _after(query: str) -> int:
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "after" and value.lstrip("-").isdigit():
+            return int(value)
+    return -1
+
+
+def serve(view: LiveView, port: int) -> ThreadingHTTPServer:
+    """An HTTP server for `view` on 127.0.0.1 (port 0: any free port); not yet serving."""
+    handler = type("BoundHandler", (Handler,), {"view": view})
+    server = ThreadingHTTPServer((HOST, port), handler)
+    server.daemon_threads = True
+    return server
+
+
+def main() -> None:
+    """Entry point: `python -m services.liveview.main`."""
+    logsetup.configure("liveview")
+    settings = load_settings(LiveViewSettings.from_env)
+    view = LiveView(settings)
+    server = serve(view, settings.port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    threading.Thread(target=view.follow, args=(stop,), name="follow", daemon=True).start()
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    log.info("live view on http://%s:%d/", HOST, server.server_address[1])
+    print(f"live view: http://{HOST}:{server.server_address[1]}/", flush=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+
+
+if __name__ == "__main__":
+    main()
