@@ -56,6 +56,9 @@ class PacedBody:
     def endpoint_stale(self, arn: str, api: str = "GET_MEDIA") -> bool:
         return False
 
+    def release(self, arn: str) -> None:
+        pass
+
 
 class TimingSink:
     """Encodes each event (as the publisher would) and records latencies."""
@@ -103,7 +106,7 @@ def main() -> None:
     sink = TimingSink(body, starts)
     call = CallStarted(CONTACT, "arn:bench", 0, start_fragment_number=None)
     cpu = time.process_time()
-    CallSession(call, body, sink, args.chunk_ms).run()  # type: ignore[arg-type]
+    CallSession(call, body, sink, args.chunk_ms).run()
     cpu = time.process_time() - cpu
     lat = sorted(sink.latencies_us)
     firsts = sorted(sink.first_chunk_at.values())

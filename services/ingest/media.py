@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 READ_SIZE = 64 * 1024
 ENDPOINT_TTL_S = 40 * 60
+MAX_CLIENTS = 32  # media clients kept for reuse, newest first out last
 _RETRYABLE = {
     "ClientLimitExceededException",
     "ConnectionLimitExceededException",
@@ -102,6 +103,12 @@ class KvsMedia:
             cached = self._endpoints.get((stream_arn, api))
         return cached is not None and self.clock() - cached[1] >= self.endpoint_ttl_s
 
+    def release(self, stream_arn: str) -> None:
+        """A call on this stream is over: drop its cached endpoints (bounded memory)."""
+        with self._lock:
+            for key in [k for k in self._endpoints if k[0] == stream_arn]:
+                del self._endpoints[key]
+
     def forget_endpoint(self, stream_arn: str, api: str) -> None:
         """Drop a cached endpoint so the next connection fetches a fresh one."""
         with self._lock:
@@ -141,6 +148,8 @@ class KvsMedia:
             )
             with self._lock:
                 client = self._clients.setdefault((service, endpoint), client)
+                while len(self._clients) > MAX_CLIENTS:  # sessions keep their own reference
+                    del self._clients[next(iter(self._clients))]
         return client
 
     def _translate(self, error: ClientError, stream_arn: str, api: str) -> Exception:

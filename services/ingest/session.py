@@ -23,19 +23,37 @@ import logging
 import random
 import time
 from collections.abc import Callable, Generator, Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from callstream.bus.ports import EventSink
 from callstream.errors import MediaStreamError, RetryableError
 from callstream.events import CallEnded, CallStarted, EndReason, Event, Track
 from callstream.mkv.reader import MkvStreamReader
 from services.ingest.core import CallIngest
-from services.ingest.media import EndpointExpired, KvsMedia, ReadStalled, iter_s3_object
+from services.ingest.media import EndpointExpired, ReadStalled, iter_s3_object
 from services.ingest.pcmfile import PcmFileReader
 
 log = logging.getLogger(__name__)
 
 _FILE_TRACKS = (Track.FROM_CUSTOMER, Track.TO_CUSTOMER)
+
+
+class MediaSource(Protocol):
+    """What a session needs of the KVS edge (`media.KvsMedia`; scripted in tests)."""
+
+    region: str
+
+    def get_media(
+        self, stream_arn: str, selector: dict[str, Any]
+    ) -> Generator[bytes, None, None]: ...
+
+    def get_fragments(
+        self, stream_arn: str, fragment_numbers: list[str]
+    ) -> Generator[bytes, None, None]: ...
+
+    def endpoint_stale(self, stream_arn: str, api: str = "GET_MEDIA") -> bool: ...
+
+    def release(self, stream_arn: str) -> None: ...
 
 
 class CallSession:
@@ -44,7 +62,7 @@ class CallSession:
     def __init__(
         self,
         call: CallStarted,
-        media: KvsMedia,
+        media: MediaSource,
         audio: EventSink,
         chunk_ms: int,
         clock: Callable[[], float] = time.time,
@@ -86,6 +104,8 @@ class CallSession:
         except MediaStreamError as e:
             log.error("cannot read media: %s", e, extra=self.extra)
             reason, detail = EndReason.ERROR, str(e)
+        finally:
+            self.media.release(self.call.stream_arn)
         now_ms = int(self.clock() * 1000)
         self.audio.publish(self.core.finish(reason, detail, now_ms, self.reconnects))
         ended = self.core.ended

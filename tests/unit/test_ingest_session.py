@@ -68,6 +68,9 @@ class ScriptedMedia:
     def endpoint_stale(self, stream_arn: str, api: str = "GET_MEDIA") -> bool:
         return False
 
+    def release(self, stream_arn: str) -> None:
+        pass
+
 
 @dataclass
 class ListSink:
@@ -100,7 +103,7 @@ def run(media: ScriptedMedia, **options: Any) -> tuple[CallEnded, ListSink]:
     clock = FakeClock()
     session = CallSession(
         call,
-        media,  # type: ignore[arg-type]
+        media,
         sink,
         128,
         monotonic=options.pop("monotonic", clock),
@@ -197,3 +200,47 @@ def test_silence_ends_the_call_after_the_idle_timeout() -> None:
     assert ended.reason is EndReason.IDLE_TIMEOUT
     assert sink.pcm(Track.FROM_CUSTOMER) == customer
     assert 2 <= ended.reconnects <= 3
+
+
+def test_a_long_call_runs_in_bounded_memory() -> None:
+    import tracemalloc
+
+    minutes = 4  # long enough for any per-fragment growth to show
+    piece = pcm(1.024, 11)
+
+    class LiveCall(ScriptedMedia):
+        def get_media(
+            self, stream_arn: str, selector: dict[str, Any]
+        ) -> Generator[bytes, None, None]:
+            writer = ConnectCallWriter(CONTACT, "instance", 1_000_000)
+            for index in range(int(minutes * 60 / 1.024)):
+                number = str(10**46 + index)
+                yield writer.getmedia_fragment(
+                    piece,
+                    piece,
+                    fragment_number=number,
+                    server_ts=0,
+                    producer_ts=0,
+                    millis_behind_now=0,
+                    continuation_token=number,
+                )
+
+    class CountingSink(ListSink):
+        chunks = 0
+
+        def publish(self, events: Any) -> None:
+            self.chunks += sum(isinstance(e, AudioChunkCaptured) for e in events)
+
+    sink = CountingSink()
+    session = CallSession(
+        CallStarted(contact_id=CONTACT, stream_arn=ARN, requested_at_ms=0), LiveCall([]), sink, 128
+    )
+    tracemalloc.start()
+    try:
+        ended = session.run()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert ended.reason is EndReason.END_OF_STREAM
+    assert sink.chunks == 2 * 8 * int(minutes * 60 / 1.024)
+    assert peak < 2 * 2**20, f"peak {peak / 2**20:.2f} MiB"
