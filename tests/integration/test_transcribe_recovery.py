@@ -144,7 +144,8 @@ class Call:
 
     def end(self, timeout_s: float = 60.0) -> None:
         counts = {TRACK.value: self.sequence}
-        self.handler.handle(CallEnded(self.contact_id, EndReason.END_OF_STREAM, 0, counts), RECORD)
+        ended = CallEnded(self.contact_id, EndReason.END_OF_STREAM, 0, chunk_counts=counts)
+        self.handler.handle(ended, RECORD)
         deadline = time.monotonic() + timeout_s
         while not self.handler.is_settled(self.contact_id):
             assert time.monotonic() < deadline, "the call did not finish"
