@@ -1,11 +1,13 @@
 """Kinesis Data Streams consumer: leased shards, polled with GetRecords.
 
 Each instance of a service holds leases on some shards (see `leases.py`),
-reads them from their checkpoint, and gives them up on close. Balancing, every
-third of a lease period: renew what we hold, take free or expired leases up
-to our fair share, and when none is free steal one lease from the instance
-holding the most, if it holds at least two more than we do (one steal per
-round, so instances converge without ping-pong).
+reads them from their checkpoint, and gives them up on close. Balancing runs
+on a heartbeat thread every third of a lease period, so a slow batch never
+lets a lease lapse: renew what we hold, take free or expired leases up to our
+fair share, and when none is free steal one lease from the instance holding
+the most, if it holds at least two more than we do (one steal per round, so
+instances converge without ping-pong). Shards lost on that thread are
+reported to `on_shard_lost` from the next `poll()`, on the caller's thread.
 
 Resharding: a closed shard read to its end is *drained*; it is *finished*
 (checkpoint `SHARD_END`) only once the loop checkpoints past its last record,
@@ -21,8 +23,9 @@ records the new holding has not read yet.
 
 from __future__ import annotations
 
+import functools
 import logging
-import time
+import threading
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -63,25 +66,40 @@ class KinesisSource:
         self._iterators: dict[str, str | None] = {}
         self._parents: dict[str, list[str]] = {}
         self._last_read: dict[str, str] = {}  # shard -> last sequence read in this holding
-        self._next_balance = 0.0
+        self._lost: list[str] = []  # shards lost since the last poll, to report
+        self._lock = threading.RLock()
+        self._stopping = threading.Event()
+        self._heartbeat: threading.Thread | None = None
         self._extra = {"stream": stream}
 
     # --- RecordSource -------------------------------------------------------
     def poll(self) -> list[Record]:
-        """Rebalance leases when due, then one GetRecords per held shard."""
-        if time.monotonic() >= self._next_balance:
-            self.balance()
-        records: list[Record] = []
-        for shard_id in list(self._held):
-            if self._at_end(shard_id):
-                if shard_id not in self._last_read:  # the checkpoint already covers it all
-                    self._finish(shard_id)
-                continue
-            records.extend(self._read(shard_id))
+        """One GetRecords per held shard (the first poll takes leases and starts the heartbeat)."""
+        with self._lock:
+            if self._heartbeat is None:
+                self._safely(self.balance)
+                self._heartbeat = threading.Thread(
+                    target=self._beat, name=f"leases-{self.stream}", daemon=True
+                )
+                self._heartbeat.start()
+            records: list[Record] = []
+            for shard_id in list(self._held):
+                if self._at_end(shard_id):
+                    if shard_id not in self._last_read:  # the checkpoint already covers it all
+                        self._finish(shard_id)
+                    continue
+                records.extend(self._read(shard_id))
+            lost, self._lost = self._lost, []
+        for shard_id in lost:
+            self.on_shard_lost(shard_id)
         return records
 
     def checkpoint(self, shard_id: str, sequence_number: str, *, inclusive: bool) -> None:
         """Store where this shard resumes; a lost lease makes us drop the shard."""
+        with self._lock:
+            self._safely(lambda: self._checkpoint(shard_id, sequence_number, inclusive))
+
+    def _checkpoint(self, shard_id: str, sequence_number: str, inclusive: bool) -> None:
         lease = self._held.get(shard_id)
         last = self._last_read.get(shard_id)
         if lease is None or last is None or int(sequence_number) > int(last):
@@ -95,10 +113,26 @@ class KinesisSource:
             self._lose(shard_id, release=False)
 
     def close(self) -> None:
-        """Release every held lease so another instance takes over at once."""
-        for shard_id, lease in list(self._held.items()):
-            self.leases.release(lease)
-            del self._held[shard_id]
+        """Stop the heartbeat and release every held lease so another instance takes over."""
+        self._stopping.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        with self._lock:
+            for shard_id, lease in list(self._held.items()):
+                self._safely(functools.partial(self.leases.release, lease))
+                del self._held[shard_id]
+
+    def _beat(self) -> None:
+        while not self._stopping.wait(self.lease_ms / 3000):
+            with self._lock:
+                self._safely(self.balance)
+
+    def _safely(self, action: Callable[[], object]) -> None:
+        """Run a lease-table action; a throttled or failed request waits for the next round."""
+        try:
+            action()
+        except (ClientError, BotoCoreError) as e:
+            log.warning("lease table: %s", e, extra=self._extra)
 
     @property
     def held_shards(self) -> list[str]:
@@ -108,7 +142,6 @@ class KinesisSource:
     # --- leases -------------------------------------------------------------
     def balance(self) -> None:
         """List shards, renew our leases, take our fair share (stealing one if needed)."""
-        self._next_balance = time.monotonic() + self.lease_ms / 3000
         shards = self._list_shards()
         for shard_id in shards:
             self.leases.create(self.prefix + shard_id, shard_id)
@@ -203,7 +236,7 @@ class KinesisSource:
         if lease is not None and release:
             self.leases.release(lease)
         log.warning("lost lease", extra={**self._extra, "shard_id": shard_id})
-        self.on_shard_lost(shard_id)
+        self._lost.append(shard_id)
 
     def _list_shards(self) -> list[str]:
         shards: list[dict[str, Any]] = []
@@ -285,7 +318,7 @@ class KinesisSource:
         self._iterators.pop(shard_id, None)
         self._last_read.pop(shard_id, None)
         log.info("shard finished", extra={**self._extra, "shard_id": shard_id})
-        self.on_shard_lost(shard_id)  # nothing of it is open: the loop just forgets it
+        self._lost.append(shard_id)  # nothing of it is open: the loop just forgets it
 
 
 def _alive(lease: Lease, now: int) -> bool:
