@@ -64,6 +64,7 @@ class AudioChunkCaptured:
     fragment_number: str
     sample_rate: int = 8000
     gap_before_ms: int = 0
+    gap_total_ms: int = 0
 
     @property
     def end_sample(self) -> int:

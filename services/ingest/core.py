@@ -61,6 +61,7 @@ class _TrackState:
     buffer_fragment: str = ""
     next_time_ms: int | None = None  # absolute time just past the last PCM taken
     gap_ms: int = 0  # missing audio to report on the next chunk
+    gap_total_ms: int = 0  # missing audio before the next chunk, since the call began
     fragment_bytes: int = 0  # PCM bytes taken from the fragment in progress
     skip: int = 0  # bytes of a re-read fragment still to skip
 
@@ -234,6 +235,7 @@ class CallIngest:
         )
         out: list[Event] = [self._emit(state, len(state.buffer))] if state.buffer else []
         state.gap_ms += gap
+        state.gap_total_ms += gap
         return out
 
     def _flush_all(self) -> list[Event]:
@@ -253,6 +255,7 @@ class CallIngest:
             pcm=pcm,
             fragment_number=state.buffer_fragment,
             gap_before_ms=state.gap_ms,
+            gap_total_ms=state.gap_total_ms,
         )
         state.gap_ms = 0
         state.sequence += 1

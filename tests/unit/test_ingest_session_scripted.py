@@ -156,6 +156,8 @@ def test_sparse_fragments_like_the_kvs_fixture_carry_their_gaps() -> None:
         chunks = [e for e in sink.events if isinstance(e, AudioChunkCaptured) and e.track is track]
         gapped = [(c.start_time_ms - 1_000_000, c.gap_before_ms) for c in chunks if c.gap_before_ms]
         assert gapped == [(4000, 2000), (8000, 2000)]
+        # Every chunk's wall-clock place follows from its own fields.
+        assert all(c.offset_ms + c.gap_total_ms == c.start_time_ms - 1_000_000 for c in chunks)
 
 
 def test_resumes_with_the_last_continuation_token() -> None:
