@@ -10,6 +10,9 @@ route, `POST {CALLSTREAM_EMULATOR_CONTROL_URL}/faults` (see `remote_faults`):
      "kinesis_throttle": {"share": 0.3, "seed": 7,
                           "operations": ["PutRecord", "PutRecords", "GetRecords"],
                           "partial_put_records": false},
+     "dynamodb_throttle": {"share": 0.2, "seed": 7, "operations": ["PutItem", ...],
+                           "partial_batch_writes": true},
+     "s3_throttle": {"share": 0.2, "seed": 7, "operations": ["PutObject"]},
      "cut_get_media": {"after_fragments": 2, "after_bytes": null,
                        "stream": "name-or-arn", "connections": 1},
      "expire_data_endpoints": true}
@@ -36,9 +39,57 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 KINESIS_THROTTLED_OPERATIONS = ("PutRecord", "PutRecords", "GetRecords")
+DYNAMODB_THROTTLED_OPERATIONS = (
+    "PutItem",
+    "BatchWriteItem",
+    "UpdateItem",
+    "GetItem",
+    "Query",
+    "Scan",
+)
+S3_THROTTLED_OPERATIONS = ("PutObject", "HeadObject", "GetObject")
 EXPIRED_ENDPOINT_STATUS = 403
 EXPIRED_ENDPOINT_ERROR = "InvalidEndpointException"
-_SPEC_KEYS = frozenset({"clear", "kinesis_throttle", "cut_get_media", "expire_data_endpoints"})
+_SPEC_KEYS = frozenset(
+    {
+        "clear",
+        "kinesis_throttle",
+        "dynamodb_throttle",
+        "s3_throttle",
+        "cut_get_media",
+        "expire_data_endpoints",
+    }
+)
+
+
+class _Throttle:
+    """A seeded share of one service's requests to refuse (not thread-safe on its own)."""
+
+    def __init__(self, allowed: tuple[str, ...]) -> None:
+        self.allowed = allowed
+        self.rng = random.Random(0)
+        self.share = 0.0
+        self.operations: frozenset[str] = frozenset(allowed)
+        self.partial = False
+
+    def set(self, share: float, seed: int, operations: Iterable[str], partial: bool) -> None:
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"throttle share must be within 0..1, got {share}")
+        unknown = set(operations) - set(self.allowed)
+        if unknown:
+            raise ValueError(f"cannot throttle {sorted(unknown)}; only {', '.join(self.allowed)}")
+        self.rng = random.Random(seed)
+        self.share = share
+        self.operations = frozenset(operations)
+        self.partial = partial
+
+    def draw(self, operation: str) -> bool:
+        if self.share <= 0.0 or operation not in self.operations:
+            return False
+        return self.rng.random() < self.share
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"share": self.share, "operations": sorted(self.operations), "partial": self.partial}
 
 
 @dataclass
@@ -62,6 +113,8 @@ class Faults:
         self._partial_put_records = False
         self._cuts: list[GetMediaCut] = []
         self._generation = 1
+        self._dynamodb = _Throttle(DYNAMODB_THROTTLED_OPERATIONS)
+        self._s3 = _Throttle(S3_THROTTLED_OPERATIONS)
 
     def throttle_kinesis(
         self,
@@ -100,6 +153,45 @@ class Faults:
     def partial_put_records(self) -> bool:
         """Whether PutRecords throttles per record instead of per request."""
         return self._partial_put_records
+
+    def throttle_dynamodb(
+        self,
+        share: float,
+        *,
+        seed: int = 0,
+        operations: Iterable[str] = DYNAMODB_THROTTLED_OPERATIONS,
+        partial_batch_writes: bool = True,
+    ) -> None:
+        """Answer `share` of DynamoDB requests with ProvisionedThroughputExceededException.
+
+        With `partial_batch_writes`, BatchWriteItem succeeds but leaves each
+        item unprocessed with the same share (UnprocessedItems), as real
+        DynamoDB does under load. Seeded like `throttle_kinesis`.
+        """
+        with self._lock:
+            self._dynamodb.set(share, seed, operations, partial_batch_writes)
+
+    def dynamodb_throttled(self, operation: str) -> bool:
+        """Draw whether this DynamoDB request (or BatchWriteItem item) is throttled."""
+        with self._lock:
+            return self._dynamodb.draw(operation)
+
+    @property
+    def partial_batch_writes(self) -> bool:
+        """Whether BatchWriteItem throttles per item (UnprocessedItems) instead of per request."""
+        return self._dynamodb.partial
+
+    def throttle_s3(
+        self, share: float, *, seed: int = 0, operations: Iterable[str] = S3_THROTTLED_OPERATIONS
+    ) -> None:
+        """Answer `share` of S3 object requests with HTTP 503 SlowDown (seeded)."""
+        with self._lock:
+            self._s3.set(share, seed, operations, False)
+
+    def s3_throttled(self, operation: str) -> bool:
+        """Draw whether this S3 request is throttled."""
+        with self._lock:
+            return self._s3.draw(operation)
 
     def cut_get_media(
         self,
@@ -156,6 +248,8 @@ class Faults:
             self._partial_put_records = False
             self._cuts.clear()
             self._generation = 1
+            self._dynamodb = _Throttle(DYNAMODB_THROTTLED_OPERATIONS)
+            self._s3 = _Throttle(S3_THROTTLED_OPERATIONS)
 
     def snapshot(self) -> dict[str, Any]:
         """The current settings, JSON-ready."""
@@ -166,6 +260,8 @@ class Faults:
                     "operations": sorted(self._throttle_ops),
                     "partial_put_records": self._partial_put_records,
                 },
+                "dynamodb_throttle": self._dynamodb.snapshot(),
+                "s3_throttle": self._s3.snapshot(),
                 "cut_get_media": [asdict(cut) for cut in self._cuts],
                 "endpoint_generation": self._generation,
             }
@@ -179,6 +275,10 @@ class Faults:
             self.clear()
         if "kinesis_throttle" in spec:
             self.throttle_kinesis(**spec["kinesis_throttle"])
+        if "dynamodb_throttle" in spec:
+            self.throttle_dynamodb(**spec["dynamodb_throttle"])
+        if "s3_throttle" in spec:
+            self.throttle_s3(**spec["s3_throttle"])
         if "cut_get_media" in spec:
             self.cut_get_media(**spec["cut_get_media"])
         if spec.get("expire_data_endpoints"):

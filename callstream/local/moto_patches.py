@@ -10,6 +10,10 @@ Patched here:
   `https://s-xxxx.kinesisvideo.<region>.amazonaws.com`.
 - kinesis PutRecord / PutRecords / GetRecords go through the throttling
   fault hook (`Faults.throttle_kinesis`), off by default.
+- dynamodb PutItem/BatchWriteItem/UpdateItem/GetItem/Query/Scan and S3
+  PutObject/HeadObject/GetObject go through the throttling fault hooks
+  (`Faults.throttle_dynamodb`, `Faults.throttle_s3`), off by default;
+  BatchWriteItem may instead leave a share of its items in UnprocessedItems.
 - kinesis resharding behaves as on AWS (moto 5.2.5 got it wrong): after
   SplitShard/MergeShards/UpdateShardCount a closed parent keeps its records
   and takes no more writes, hash keys route to the open shard whose
@@ -29,15 +33,17 @@ import hashlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from moto.core.exceptions import JsonRESTError
 from moto.core.responses import ActionResult
+from moto.dynamodb.responses import DynamoHandler
 from moto.kinesis.exceptions import InvalidArgumentError
 from moto.kinesis.models import Shard, Stream
 from moto.kinesis.responses import KinesisResponse
 from moto.kinesis.utils import decompose_shard_iterator
 from moto.kinesisvideo.models import KinesisVideoBackend
+from moto.s3.responses import S3Response
 
 from callstream.local.faults import Faults
 
@@ -86,6 +92,8 @@ def apply(data_endpoint: Callable[[], str], faults: Faults) -> PatchSet:
         _patch_kinesisvideo_data_endpoint(patches, data_endpoint)
         _patch_kinesis_resharding(patches)  # before throttling, which wraps its GetRecords
         _patch_kinesis_throttling(patches, faults)
+        _patch_dynamodb_throttling(patches, faults)
+        _patch_s3_throttling(patches, faults)
         _patch_kinesis_subscribe_to_shard(patches)
     except BaseException:
         patches.revert()
@@ -151,6 +159,83 @@ def _put_records_partially(response: KinesisResponse, faults: Faults) -> ActionR
     merged = [dict(failure) if hit else next(stored) for hit in throttled]
     failed = result.get("FailedRecordCount", 0) + sum(throttled)
     return ActionResult({"FailedRecordCount": failed, "Records": merged})
+
+
+def _patch_dynamodb_throttling(patches: PatchSet, faults: Faults) -> None:
+    for method, operation in (
+        ("put_item", "PutItem"),
+        ("update_item", "UpdateItem"),
+        ("get_item", "GetItem"),
+        ("query", "Query"),
+        ("scan", "Scan"),
+    ):
+        original = getattr(DynamoHandler, method)
+        patches.replace(DynamoHandler, method, _dynamodb_throttled(original, operation, faults))
+    patches.replace(
+        DynamoHandler,
+        "batch_write_item",
+        _batch_write_throttled(DynamoHandler.batch_write_item, faults),
+    )
+
+
+def _dynamodb_error(operation: str) -> JsonRESTError:
+    return JsonRESTError(
+        "ProvisionedThroughputExceededException",
+        f"Throughput exceeded for {operation} (emulator fault injection).",
+    )
+
+
+def _dynamodb_throttled(original: Callable[[Any], Any], operation: str, faults: Faults) -> Any:
+    @functools.wraps(original)
+    def wrapper(self: DynamoHandler) -> Any:
+        if faults.dynamodb_throttled(operation):
+            raise _dynamodb_error(operation)
+        return original(self)
+
+    return wrapper
+
+
+def _batch_write_throttled(original: Callable[[Any], Any], faults: Faults) -> Any:
+    """Whole-request throttling, or (partial) a share of the items left unprocessed."""
+
+    @functools.wraps(original)
+    def wrapper(self: DynamoHandler) -> Any:
+        if not faults.partial_batch_writes:
+            if faults.dynamodb_throttled("BatchWriteItem"):
+                raise _dynamodb_error("BatchWriteItem")
+            return original(self)
+        kept: dict[str, list[Any]] = {}
+        unprocessed: dict[str, list[Any]] = {}
+        for table, requests in self.body["RequestItems"].items():
+            for request in requests:
+                hit = faults.dynamodb_throttled("BatchWriteItem")
+                (unprocessed if hit else kept).setdefault(table, []).append(request)
+        self.body["RequestItems"] = kept
+        result = original(self) if kept else ActionResult({"UnprocessedItems": {}})
+        answer: dict[str, Any] = dict(cast(dict[str, Any], result.result))
+        answer["UnprocessedItems"] = unprocessed
+        return ActionResult(answer)
+
+    return wrapper
+
+
+def _patch_s3_throttling(patches: PatchSet, faults: Faults) -> None:
+    original = S3Response._key_response
+
+    @functools.wraps(original)
+    def key_response(self: S3Response, request: Any, full_url: str) -> Any:
+        method = getattr(request, "method", "")
+        operation = {"PUT": "PutObject", "HEAD": "HeadObject", "GET": "GetObject"}.get(method)
+        if operation is not None and faults.s3_throttled(operation):
+            body = (
+                "<?xml version='1.0' encoding='UTF-8'?><Error><Code>SlowDown</Code>"
+                "<Message>Please reduce your request rate (emulator fault injection).</Message>"
+                "</Error>"
+            )
+            return 503, {"Content-Type": "application/xml"}, body
+        return original(self, request, full_url)
+
+    patches.replace(S3Response, "_key_response", key_response)
 
 
 def _patch_kinesis_resharding(patches: PatchSet) -> None:
