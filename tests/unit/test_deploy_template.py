@@ -24,9 +24,12 @@ from callstream.config import (
     RecorderSettings,
     TranscriberSettings,
 )
+from services.sentiment.main import SentimentSettings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "callstream.yaml"
-SERVICES = ("Ingest", "Transcriber", "Recorder", "Persister")
+# Actions AWS offers no resource-level permissions for.
+NO_RESOURCE_LEVEL_ACTIONS = ("transcribe:StartStreamTranscription", "comprehend:DetectSentiment")
+SERVICES = ("Ingest", "Transcriber", "Recorder", "Persister", "Sentiment")
 
 
 def _cfn_lint() -> str:
@@ -142,6 +145,7 @@ def test_each_service_runs_on_fargate_with_its_own_command_and_role(
 def test_each_service_scales_on_its_input_streams_iterator_age(template: dict[str, Any]) -> None:
     inputs = {"Transcriber": "AudioStream", "Recorder": "AudioStream"}
     inputs |= {"Persister": "TranscriptsStream", "Ingest": "CallsStream"}
+    inputs |= {"Sentiment": "TranscriptsStream"}
     for name, stream in inputs.items():
         policy = template["Resources"][f"{name}ScaleOnIteratorAge"]["Properties"]
         metric = policy["TargetTrackingScalingPolicyConfiguration"]["CustomizedMetricSpecification"]
@@ -176,6 +180,7 @@ def test_task_roles_grant_only_what_each_service_calls(template: dict[str, Any])
         "TranscriberTaskRole": read | {"transcribe:StartStreamTranscription"},
         "RecorderTaskRole": read | {"s3:PutObject", "s3:AbortMultipartUpload"},
         "PersisterTaskRole": read,
+        "SentimentTaskRole": read | {"comprehend:DetectSentiment"},
     }
     for role, actions in expected.items():
         assert _actions(template, role) == lease_and_dlq | actions, role
@@ -187,7 +192,7 @@ def test_only_transcribe_is_granted_on_every_resource(template: dict[str, Any]) 
             assert statement["Effect"] == "Allow"
             assert "*" not in str(statement["Action"])
             if statement["Resource"] == "*":
-                assert statement["Action"] == "transcribe:StartStreamTranscription", role
+                assert statement["Action"] in NO_RESOURCE_LEVEL_ACTIONS, role
 
 
 def test_ingest_may_decrypt_a_customer_keyed_kvs_stream_only_through_kvs(
@@ -236,13 +241,28 @@ def _container_env(template: dict[str, Any], name: str) -> dict[str, str]:
 def test_every_task_environment_is_valid_for_its_service(template: dict[str, Any]) -> None:
     fake = {"CALLSTREAM_TRANSCRIPT_TTL_DAYS": "7"}
     fake |= {"CALLSTREAM_ASR_ENGINE": "transcribe", "SAVE_PARTIAL_TRANSCRIPTS": "FALSE"}
+    fake |= {"CALLSTREAM_SENTIMENT_ENGINE": "comprehend"}
     factories = {
         "Ingest": IngestSettings.from_env,
         "Transcriber": TranscriberSettings.from_env,
         "Recorder": RecorderSettings.from_env,
         "Persister": PersisterSettings.from_env,
+        "Sentiment": SentimentSettings.from_env,
     }
     for name, factory in factories.items():
         env = _container_env(template, name)
         env |= {k: v for k, v in fake.items() if k in env}
         factory(env)  # raises ConfigError naming the variable if one is wrong
+
+
+def test_the_sentiment_consumer_is_optional_and_calls_comprehend_only_when_chosen(
+    template: dict[str, Any],
+) -> None:
+    optional = [k for k, v in template["Resources"].items() if k.startswith("Sentiment")]
+    assert len(optional) == 6
+    assert all(template["Resources"][k]["Condition"] == "DeploySentiment" for k in optional)
+    inline = template["Resources"]["SentimentTaskRole"]["Properties"]["Policies"][0]
+    (conditional,) = [s for s in inline["PolicyDocument"]["Statement"] if "Fn::If" in s]
+    assert conditional["Fn::If"][0] == "SentimentUsesComprehend"
+    table = template["Resources"]["SentimentTable"]["Properties"]
+    assert [k["AttributeName"] for k in table["KeySchema"]] == ["ContactId", "SegmentId"]
