@@ -193,6 +193,8 @@ class CallSession:
                 break
         if out:
             self.audio.publish(out)
+            # Audio arrived, and a publish held up by throttling is not silence.
+            self._last_fragment_at = self.monotonic()
 
     # --- file mode ----------------------------------------------------------------
     def _read_file(self) -> tuple[EndReason, str]:
