@@ -339,3 +339,43 @@ def test_file_mode_refuses_a_wav_it_would_have_to_resample(aws_session: Any, buc
     ended = sink.events[-1]
     assert isinstance(ended, CallEnded) and ended.reason is EndReason.ERROR
     assert "8000 Hz" in ended.detail
+
+
+# -- backpressure --------------------------------------------------------------------------
+
+
+def test_kds_throttling_slows_the_call_but_drops_nothing(
+    producer: Producer, emulator: Emulator, aws_session: Any
+) -> None:
+    from callstream.bus.kinesis import KinesisPublisher
+    from callstream.contract import default_contract
+
+    kinesis = aws_session.client("kinesis")
+    name = f"audio-{uuid.uuid4().hex[:8]}"
+    kinesis.create_stream(StreamName=name, ShardCount=1)
+    kinesis.get_waiter("stream_exists").wait(StreamName=name)
+    contact, customer, agent, first = stored_call(producer, seconds=4.0)
+    emulator.faults.throttle_kinesis(
+        0.4, seed=11, operations=["PutRecords", "PutRecord"], partial_put_records=True
+    )
+    emulator.faults.cut_get_media(after_bytes=20_000, stream=producer.name)
+    media = KvsMedia("us-east-1")
+    ended = CallSession(
+        started(contact, producer.arn, first), media, KinesisPublisher(kinesis, name), 128
+    ).run()
+    emulator.faults.clear()
+    shard = kinesis.describe_stream(StreamName=name)["StreamDescription"]["Shards"][0]
+    iterator = kinesis.get_shard_iterator(
+        StreamName=name, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    contract, sink = default_contract(), CollectingSink()
+    while iterator:
+        page = kinesis.get_records(ShardIterator=iterator, Limit=1000)
+        sink.events += [contract.decode(r["Data"]) for r in page["Records"]]
+        iterator = page.get("NextShardIterator") if page["Records"] else None
+    chunks = [e for e in sink.events if isinstance(e, AudioChunkCaptured)]
+    unique = {(c.track, c.sequence): c for c in chunks}  # a retried batch may repeat a record
+    sink.events = sorted(unique.values(), key=lambda c: (c.track, c.sequence))
+    assert sink.pcm(Track.FROM_CUSTOMER) == customer
+    assert sink.pcm(Track.TO_CUSTOMER) == agent
+    assert ended.reconnects == 1
