@@ -47,6 +47,7 @@ TRACK_NAMES = {
 TAG_CONTACT_ID = "ContactId"
 TAG_FRAGMENT_NUMBER = "AWS_KINESISVIDEO_FRAGMENT_NUMBER"
 TAG_CONTINUATION = "AWS_KINESISVIDEO_CONTINUATION_TOKEN"
+TAG_ERROR_CODE = "AWS_KINESISVIDEO_ERROR_CODE"  # GetMedia's last Tags when it stops on an error
 
 
 @dataclass
@@ -75,6 +76,7 @@ class CallIngest:
         self.gap_tolerance_ms = gap_tolerance_ms
         self.fragments_seen = 0  # new fragments started (re-reads not counted)
         self.error_count = 0
+        self.server_error: str | None = None  # set by an error tag; the session clears it
         self.tracks: dict[Track, _TrackState] = {}
         self.track_by_number: dict[int, Track] = {}
         self.fragment_number: str | None = None
@@ -149,6 +151,8 @@ class CallIngest:
                 self._fragment_started(value)
             elif name == TAG_CONTINUATION:
                 self.continuation_token = value
+            elif name == TAG_ERROR_CODE:
+                self.server_error = value
             elif name == TAG_CONTACT_ID and value != self.contact_id:
                 self._pending_end = (
                     EndReason.CONTACT_CHANGED,

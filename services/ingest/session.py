@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from callstream.bus.ports import EventSink
 from callstream.errors import MediaStreamError, RetryableError
 from callstream.events import CallEnded, CallStarted, EndReason, Event, Track
+from callstream.mkv.events import StreamError
 from callstream.mkv.reader import MkvStreamReader
 from services.ingest.core import CallIngest
 from services.ingest.media import EndpointExpired, ReadStalled, iter_s3_object
@@ -160,9 +161,14 @@ class CallSession:
         return self.monotonic() - self._last_fragment_at >= self.idle_timeout_s
 
     def _consume(self, body: Generator[bytes, None, None]) -> bool:
-        """Read one connection; True if the server ended it, False if we left it early."""
+        """Read one connection; True if the server ended it, False if we left it early.
+
+        A body that ends inside an element, or with GetMedia's error tag, ended
+        early: RetryableError, so the caller resumes from the continuation token.
+        """
         reader = MkvStreamReader()
         token = self.core.continuation_token
+        self.core.server_error = None
         try:
             for data in body:
                 self._publish_events(reader.feed(data))
@@ -170,10 +176,15 @@ class CallSession:
                     return True
                 if self._leave_early(token):
                     return False
-            self._publish_events(reader.close())
-            return True
+            last = reader.close()
+            self._publish_events(last)
         finally:
             body.close()  # releases the connection at once when we leave early
+        cut = next((e.reason for e in last if isinstance(e, StreamError)), None)
+        if self.core.server_error is not None or cut is not None:
+            cause = f"error code {self.core.server_error}" if self.core.server_error else cut
+            raise RetryableError(f"media connection ended early ({cause})")
+        return True
 
     def _leave_early(self, token: str | None) -> bool:
         """At a fragment boundary, with the endpoint due for a refresh, or when idle."""

@@ -25,7 +25,7 @@ def pcm(seconds: float, seed: int) -> bytes:
 
 
 def fragments(
-    customer: bytes, agent: bytes, block_samples: int = 512, blocks: int = 16
+    customer: bytes, agent: bytes, block_samples: int = 512, blocks: int = 16, unknown: bool = False
 ) -> list[bytes]:
     writer = ConnectCallWriter(CONTACT, "instance", 1_000_000, None, block_samples, blocks)
     step, parts = writer.fragment_bytes, []
@@ -40,6 +40,7 @@ def fragments(
                 producer_ts=writer.position_ms / 1000,
                 millis_behind_now=0,
                 continuation_token=number,
+                unknown_segment_size=unknown,
             )
         )
     return parts
@@ -176,6 +177,28 @@ def test_resumes_with_the_last_continuation_token() -> None:
     }
     assert sink.pcm(Track.FROM_CUSTOMER) == customer
     assert ended.reconnects == 1
+
+
+def test_a_body_that_ends_inside_a_fragment_is_resumed() -> None:
+    customer, agent = pcm(4.0, 12), pcm(4.0, 13)
+    parts = fragments(customer, agent)
+    media = ScriptedMedia([(parts[0] + parts[1][:20_000], None), (b"".join(parts[1:]), None)])
+    ended, sink = run(media)
+    assert sink.pcm(Track.FROM_CUSTOMER) == customer
+    assert sink.pcm(Track.TO_CUSTOMER) == agent
+    assert ended.reconnects == 1 and ended.reason is EndReason.END_OF_STREAM
+
+
+def test_a_body_that_ends_with_the_kvs_error_tag_is_resumed() -> None:
+    from callstream.mkv.writer import kvs_tags
+
+    customer, agent = pcm(3.0, 14), pcm(3.0, 15)
+    parts = fragments(customer, agent, unknown=True)  # the error tags end the open Segment
+    error = kvs_tags([("AWS_KINESISVIDEO_ERROR_CODE", "4000"), ("AWS_KINESISVIDEO_ERROR_ID", "x")])
+    media = ScriptedMedia([(parts[0] + error, None), (b"".join(parts[1:]), None)])
+    ended, sink = run(media)
+    assert sink.pcm(Track.FROM_CUSTOMER) == customer
+    assert ended.reconnects == 1 and ended.stream_errors == 0
 
 
 def test_gives_up_with_error_after_repeated_failures_without_progress() -> None:
