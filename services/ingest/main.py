@@ -50,6 +50,7 @@ class IngestHandler:
             self.audio,
             self.settings.chunk_ms,
             idle_timeout_s=self.settings.idle_timeout_s,
+            start_selector_type=self.settings.start_selector_type,
         )
         self.sessions[event.contact_id] = self.pool.submit(session.run)
 

@@ -69,6 +69,7 @@ class CallSession:
         clock: Callable[[], float] = time.time,
         *,
         idle_timeout_s: float = 30.0,
+        start_selector_type: str = "FRAGMENT_NUMBER",
         max_failures: int = 8,
         retry_delay_s: float = 0.2,
         monotonic: Callable[[], float] = time.monotonic,
@@ -80,6 +81,10 @@ class CallSession:
         self.core = CallIngest(call.contact_id, chunk_ms)
         self.clock = clock
         self.idle_timeout_s = idle_timeout_s
+        # START_SELECTOR_TYPE=NOW (as the reference): ignore the start fragment, read from now.
+        self.start_fragment = (
+            call.start_fragment_number if start_selector_type == "FRAGMENT_NUMBER" else None
+        )
         self.max_failures = max_failures
         self.retry_delay_s = retry_delay_s
         self.monotonic = monotonic
@@ -116,7 +121,7 @@ class CallSession:
 
     # --- KVS --------------------------------------------------------------------
     def _read_stream(self) -> tuple[EndReason, str]:
-        start = self.call.start_fragment_number
+        start = self.start_fragment
         if start is not None:
             try:
                 self._consume(self.media.get_fragments(self.call.stream_arn, [start]))
@@ -148,7 +153,7 @@ class CallSession:
         return EndReason.END_OF_STREAM, "the media stream ended"
 
     def _selector(self) -> dict[str, Any]:
-        token, start = self.core.continuation_token, self.call.start_fragment_number
+        token, start = self.core.continuation_token, self.start_fragment
         self.connections += 1
         if self.connections > 1 and token is not None:
             return {"StartSelectorType": "CONTINUATION_TOKEN", "ContinuationToken": token}

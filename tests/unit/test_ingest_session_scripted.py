@@ -201,6 +201,15 @@ def test_a_body_that_ends_with_the_kvs_error_tag_is_resumed() -> None:
     assert ended.reconnects == 1 and ended.stream_errors == 0
 
 
+def test_start_selector_now_ignores_the_start_fragment() -> None:
+    parts = fragments(pcm(1.0, 16), pcm(1.0, 17))
+    media = ScriptedMedia([(parts[0], None)])
+    sink = ListSink()
+    call = CallStarted(CONTACT, ARN, 0, start_fragment_number=str(10**46))
+    CallSession(call, media, sink, 128, start_selector_type="NOW").run()
+    assert media.selectors == [{"StartSelectorType": "NOW"}]
+
+
 def test_gives_up_with_error_after_repeated_failures_without_progress() -> None:
     media = ScriptedMedia([(b"", RetryableError("refused"))] * 10)
     ended, _ = run(media, max_failures=3, idle_timeout_s=1e9)
