@@ -44,6 +44,8 @@ class RecoveryPolicy:
 
 @dataclass
 class _Piece:
+    """Audio that starts at `call_ms` of the call."""
+
     call_ms: int
     pcm: bytes
 
