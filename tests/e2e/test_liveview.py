@@ -39,7 +39,7 @@ pytestmark = [
         CHROMIUM is None, reason="needs the Debian `chromium` package (apt-get install chromium)"
     ),
 ]
-SPEED = 2.0
+SPEED = 1.0  # live: the transcript must show while the call is still playing
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -137,6 +137,7 @@ def stack(emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     group.start()
     group.start(("liveview",))
     _wait_http(f"http://127.0.0.1:{port}/healthz", group)
+    _wait_consuming(group)
     yield {**env, "url": f"http://127.0.0.1:{port}/"}
     group.stop()
 
@@ -145,6 +146,18 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+def _wait_consuming(group: ServiceGroup) -> None:
+    """Every consumer is past start-up (the transcriber has loaded its model)."""
+    deadline = time.monotonic() + 240
+    for process in group.processes:
+        if process.name == "liveview":
+            continue
+        while "consuming " not in process.log_path.read_text():
+            assert process.alive(), process.log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"{process.name} did not start consuming"
+            time.sleep(0.2)
 
 
 def _wait_http(url: str, group: ServiceGroup) -> None:
