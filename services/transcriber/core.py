@@ -236,9 +236,10 @@ class CallTranscription:
         feed.spool.clear()
 
     def _keep_alive(self, feed: _TrackFeed) -> None:
-        if self.now is None or feed.stream is None:
+        after = self.policy.keepalive_after_s
+        if self.now is None or feed.stream is None or after is None:
             return
-        if feed.audio_at is None or self.now - feed.audio_at < self.policy.keepalive_after_s:
+        if feed.audio_at is None or self.now - feed.audio_at < after:
             return
         feed.stream.send(bytes(self.policy.keepalive_ms * BYTES_PER_MS))
         feed.clock.silence(self.policy.keepalive_ms)

@@ -11,6 +11,7 @@ A call is settled once its last segments and its CallEnded are published.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import OrderedDict
@@ -112,7 +113,12 @@ def main() -> None:
     engine = make_engine(settings, options)
     try:
         sink = publisher(settings.bus, settings.bus.transcripts_stream)
-        handler = TranscriberHandler(engine, sink, settings.default_language, options.policy)
+        policy = options.policy
+        if settings.engine != "transcribe":
+            # No idle limit offline, and silence inserted mid-utterance would split it
+            # differently from a replay of the same audio.
+            policy = dataclasses.replace(policy, keepalive_after_s=None)
+        handler = TranscriberHandler(engine, sink, settings.default_language, policy)
         run_service("transcriber", settings.bus, settings.bus.audio_stream, handler)
     finally:
         engine.close()

@@ -31,7 +31,9 @@ class RecoveryPolicy:
     backoff_base_s: float = 0.25
     backoff_max_s: float = 20.0
     resend_limit_ms: int = 300_000  # audio kept per track for a resend; older is dropped
-    keepalive_after_s: float = 5.0  # Transcribe ends a stream after 15 s without audio
+    # Transcribe ends a stream after 15 s without audio; None: no keep-alive (an
+    # engine without that limit is better off without silence mid-utterance).
+    keepalive_after_s: float | None = 5.0
     keepalive_ms: int = 1_000  # silence sent each time
     rollover_ms: int = 14_100_000  # 3 h 55 min of stream audio: below Transcribe's 4 h
     rollover_grace_ms: int = 120_000  # how long a rollover waits for a pause in speech
