@@ -7,7 +7,8 @@ lets a lease lapse: renew what we hold, take free or expired leases up to our
 fair share, and when none is free steal one lease from the instance holding
 the most, if it holds at least two more than we do (one steal per round, so
 instances converge without ping-pong). Shards lost on that thread are
-reported to `on_shard_lost` from the next `poll()`, on the caller's thread.
+reported to `on_shard_lost` at the start of the next `poll()`, on the
+caller's thread, before any record of a new holding is returned.
 
 Resharding: a closed shard read to its end is *drained*; it is *finished*
 (checkpoint `SHARD_END`) only once the loop checkpoints past its last record,
@@ -82,6 +83,11 @@ class KinesisSource:
                     target=self._beat, name=f"leases-{self.stream}", daemon=True
                 )
                 self._heartbeat.start()
+            # Losses first: the caller drops what it built from the old holding before it
+            # sees records of a new one (a shard may be lost and retaken between polls).
+            lost, self._lost = self._lost, []
+            for shard_id in lost:
+                self.on_shard_lost(shard_id)
             records: list[Record] = []
             for shard_id in list(self._held):
                 if self._at_end(shard_id):
@@ -89,9 +95,6 @@ class KinesisSource:
                         self._finish(shard_id)
                     continue
                 records.extend(self._read(shard_id))
-            lost, self._lost = self._lost, []
-        for shard_id in lost:
-            self.on_shard_lost(shard_id)
         return records
 
     def checkpoint(self, shard_id: str, sequence_number: str, *, inclusive: bool) -> None:

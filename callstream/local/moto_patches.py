@@ -14,6 +14,12 @@ Patched here:
   PutObject/HeadObject/GetObject go through the throttling fault hooks
   (`Faults.throttle_dynamodb`, `Faults.throttle_s3`), off by default;
   BatchWriteItem may instead leave a share of its items in UnprocessedItems.
+- atomicity moto lacks under its threaded server: Kinesis appends to a shard
+  under a lock (moto computes "last sequence + 1" unlocked, so two
+  concurrent PutRecords to one shard could get the same number and one
+  record silently replaced the other), and DynamoDB writes run one at a time
+  (moto checks a ConditionExpression and writes in two unlocked steps, so
+  two conditional lease takes could both succeed).
 - kinesis resharding behaves as on AWS (moto 5.2.5 got it wrong): after
   SplitShard/MergeShards/UpdateShardCount a closed parent keeps its records
   and takes no more writes, hash keys route to the open shard whose
@@ -90,6 +96,7 @@ def apply(data_endpoint: Callable[[], str], faults: Faults) -> PatchSet:
         patches = _active = PatchSet()
     try:
         _patch_kinesisvideo_data_endpoint(patches, data_endpoint)
+        _patch_atomic_writes(patches)  # innermost: throttling wraps the locked handlers
         _patch_kinesis_resharding(patches)  # before throttling, which wraps its GetRecords
         _patch_kinesis_throttling(patches, faults)
         _patch_dynamodb_throttling(patches, faults)
@@ -159,6 +166,31 @@ def _put_records_partially(response: KinesisResponse, faults: Faults) -> ActionR
     merged = [dict(failure) if hit else next(stored) for hit in throttled]
     failed = result.get("FailedRecordCount", 0) + sum(throttled)
     return ActionResult({"FailedRecordCount": failed, "Records": merged})
+
+
+_WRITE_LOCK = threading.RLock()
+
+
+def _locked(original: Callable[..., Any]) -> Any:
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _WRITE_LOCK:
+            return original(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_atomic_writes(patches: PatchSet) -> None:
+    """Serialise shard appends and DynamoDB writes, as the real services are atomic."""
+    patches.replace(Shard, "put_record", _locked(Shard.put_record))
+    for method in (
+        "put_item",
+        "update_item",
+        "delete_item",
+        "batch_write_item",
+        "transact_write_items",
+    ):
+        patches.replace(DynamoHandler, method, _locked(getattr(DynamoHandler, method)))
 
 
 def _patch_dynamodb_throttling(patches: PatchSet, faults: Faults) -> None:

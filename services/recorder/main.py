@@ -55,6 +55,13 @@ class RecorderHandler:
             call = self.calls[contact_id] = CallRecording(contact_id, self.settings.key_prefix)
         for write in call.accept(event):
             self.spool.write(write.contact_id, write.track, write.byte_offset, write.pcm)
+        if isinstance(event, CallEnded) and not call.complete:
+            log.info(
+                "call ended with chunks still missing: have %s of %s",
+                {t.value: len(p.sequences) for t, p in call.tracks.items()},
+                event.chunk_counts,
+                extra={"contact_id": contact_id},
+            )
         if isinstance(event, CallEnded) and not call.complete and self._already_stored(call):
             log.info("replayed call already recorded; skipped", extra={"contact_id": contact_id})
             self._retire(contact_id)

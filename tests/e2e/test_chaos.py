@@ -118,15 +118,6 @@ def make_calls(
     return calls
 
 
-def transcribed_slices(calls: list[CallSpec], prefix: str) -> list[CallSpec]:
-    """The transcribed calls again under other contact ids (the undisturbed reference)."""
-    return [
-        CallSpec(f"{prefix}-{c.contact_id}", c.customer, c.agent, True)
-        for c in calls
-        if c.transcribe
-    ]
-
-
 def play_calls(
     env: dict[str, str], calls: list[CallSpec], rng: random.Random, stagger_s: float
 ) -> list[threading.Thread]:
@@ -281,15 +272,29 @@ def stable_rows(env: dict[str, str], contact_ids: list[str], timeout_s: float) -
 def describe_calls(env: dict[str, str], contact_ids: set[str]) -> dict[str, Any]:
     """What the audio stream holds for some calls (failure diagnostics)."""
     from callstream.bus.tail import StreamTail
+    from callstream.events import AudioChunkCaptured, CallEnded
 
     kinesis = aws.client("kinesis", env["APP_REGION"])
-    seen: dict[str, Any] = {c: {"events": []} for c in contact_ids}
+    seen: dict[str, Any] = {c: {"chunks": {}, "ended": []} for c in contact_ids}
     for event in StreamTail(kinesis, env["CALLSTREAM_AUDIO_STREAM"]).poll():
         contact = getattr(event, "contact_id", None)
-        if contact in seen:
-            sequence = getattr(event, "sequence", "")
-            track = getattr(event, "track", "")
-            seen[contact]["events"].append(f"{type(event).__name__}{track}{sequence}")
+        if contact not in seen:
+            continue
+        if isinstance(event, AudioChunkCaptured):
+            track = seen[contact]["chunks"].setdefault(event.track.value, [])
+            track.append((event.sequence, event.sample_offset, len(event.pcm)))
+        elif isinstance(event, CallEnded):
+            seen[contact]["ended"].append(event.chunk_counts)
+    for call in seen.values():
+        for name, chunks in call["chunks"].items():
+            sequences = sorted({c[0] for c in chunks})
+            missing = sorted(set(range(max(sequences) + 1)) - set(sequences))
+            call["chunks"][name] = {
+                "records": len(chunks),
+                "distinct": len(sequences),
+                "max": max(sequences),
+                "missing": missing,
+            }
     return seen
 
 
@@ -306,6 +311,81 @@ def quiet(env: dict[str, str], seconds: float = 3.0) -> None:
         if tail.poll():
             last = time.monotonic()
         time.sleep(0.2)
+
+
+@dataclass
+class RoundResult:
+    """What a round of calls produced, against what an undisturbed run produces."""
+
+    kills: list[tuple[float, str]]
+    wav_mismatches: list[str]
+    row_mismatches: dict[str, Any]
+    dead_letters: list[str]
+    seconds: float
+
+
+def undisturbed_rows(env: dict[str, str], calls: list[CallSpec]) -> dict[int, Any]:
+    """Rows of the transcribed calls played alone without faults, by their index in `calls`."""
+    played = {i: c for i, c in enumerate(calls) if c.transcribe}
+    for thread in play_calls(env, list(played.values()), random.Random(0), stagger_s=0.2):
+        thread.join()
+    ids = [c.contact_id for c in played.values()]
+    ended = EndedCalls(env)
+    assert wait_until(lambda: wavs_stored(env, list(played.values())), 150), "no WAVs"
+    assert wait_until(lambda: ended.include(ids), 240), "undisturbed calls not transcribed"
+    rows = stable_rows(env, ids, 60)
+    return {i: rows.get(c.contact_id, []) for i, c in played.items()}
+
+
+def play_round(
+    env: dict[str, str],
+    group: ServiceGroup,
+    calls: list[CallSpec],
+    expected: dict[int, Any],
+    *,
+    rng: random.Random,
+    kills: int,
+    every_s: float,
+    timeout_s: float = 240,
+) -> RoundResult:
+    """Play `calls` while killing instances; wait for the outputs; compare them."""
+    started = time.monotonic()
+    ended = EndedCalls(env)
+    chaos = ChaosLog()
+    stop = threading.Event()
+    monkey = threading.Thread(
+        target=kill_randomly, args=(group, rng, kills, every_s, stop, chaos), daemon=True
+    )
+    monkey.start()
+    for thread in play_calls(env, calls, rng, stagger_s=0.5):
+        thread.join()
+    monkey.join()
+    want = {calls[i].contact_id: rows for i, rows in expected.items()}
+
+    def settled() -> bool:
+        return (
+            ended.include(list(want))
+            and wavs_stored(env, calls)
+            and all(all_rows(env, contact) == rows for contact, rows in want.items())
+        )
+
+    wait_until(settled, timeout_s)
+    quiet(env)
+    kinesis = aws.client("kinesis", env["APP_REGION"])
+    return RoundResult(
+        kills=chaos.kills,
+        wav_mismatches=wav_mismatches(env, calls),
+        row_mismatches={
+            c: {"got": got, "want": rows}
+            for c, rows in want.items()
+            if (got := all_rows(env, c)) != rows
+        },
+        dead_letters=[
+            f"{e.letter.service}: {e.letter.reason}"
+            for e in list_dead_letters(kinesis, env["CALLSTREAM_DEADLETTER_STREAM"])
+        ],
+        seconds=round(time.monotonic() - started, 1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -326,48 +406,66 @@ def chaos_stack(
             group.stop()
 
 
+@pytest.fixture(scope="module")
+def reference(chaos_stack: tuple[dict[str, str], ServiceGroup]) -> dict[int, Any]:
+    """The transcribed calls' rows in an undisturbed run."""
+    env, _ = chaos_stack
+    rows = undisturbed_rows(env, make_calls(random.Random(SEED), 20, 2, 6.0, "ref"))
+    assert all(rows.values()), "the undisturbed run wrote no rows"
+    return rows
+
+
 def test_killing_instances_during_live_calls_loses_and_duplicates_nothing(
-    chaos_stack: tuple[dict[str, str], ServiceGroup],
+    chaos_stack: tuple[dict[str, str], ServiceGroup], reference: dict[int, Any]
 ) -> None:
     env, group = chaos_stack
-    rng = random.Random(SEED)
-    calls = make_calls(rng, count=20, transcribed=2, seconds=6.0, prefix=f"c{SEED}")
-    reference = transcribed_slices(calls, "ref")
-    for thread in play_calls(env, reference, rng, stagger_s=0.2):
-        thread.join()
-    ended = EndedCalls(env)
-    ref_ids = [r.contact_id for r in reference]
-    assert wait_until(lambda: wavs_stored(env, reference), 150), "undisturbed WAVs missing"
-    assert wait_until(lambda: ended.include(ref_ids), 240), "undisturbed calls not transcribed"
-    ref_rows = stable_rows(env, ref_ids, 60)
-    transcribed = [c.contact_id for c in calls if c.transcribe]
-    expected = {c: ref_rows.get(r, []) for c, r in zip(transcribed, ref_ids, strict=True)}
-    assert all(expected.values()), "the undisturbed run wrote no rows"
-
-    stop = threading.Event()
-    chaos = ChaosLog()
-    monkey = threading.Thread(
-        target=kill_randomly, args=(group, rng, 6, 2.0, stop, chaos), daemon=True
+    calls = make_calls(random.Random(SEED), 20, 2, 6.0, f"c{SEED}")
+    result = play_round(
+        env, group, calls, reference, rng=random.Random(SEED + 1), kills=6, every_s=2.0
     )
-    monkey.start()
-    players = play_calls(env, calls, rng, stagger_s=0.5)
-    for thread in players:
-        thread.join()
-    monkey.join()
-    print(f"seed {SEED}: killed {chaos.kills}")
+    print(f"seed {SEED}: killed {result.kills} in a {result.seconds} s round")
+    bad = result.wav_mismatches
+    if bad:
+        print("missing or wrong WAVs:", describe_calls(env, {b.split(":")[0] for b in bad}))
+    assert bad == [], result.kills
+    assert result.row_mismatches == {}, result.kills
+    assert result.dead_letters == []
 
-    def settled() -> bool:
-        return (
-            ended.include(transcribed)
-            and wavs_stored(env, calls)
-            and all(all_rows(env, contact) == rows for contact, rows in expected.items())
+
+def test_throttled_kinesis_dynamodb_and_s3_lose_nothing(
+    emulator: Any,
+    chaos_stack: tuple[dict[str, str], ServiceGroup],
+    reference: dict[int, Any],
+) -> None:
+    env, group = chaos_stack
+    calls = make_calls(random.Random(SEED), 8, 1, 6.0, f"t{SEED}")
+    faults = emulator.faults
+    faults.throttle_kinesis(0.2, seed=SEED, partial_put_records=True)
+    faults.throttle_dynamodb(0.2, seed=SEED, partial_batch_writes=True)
+    faults.throttle_s3(0.2, seed=SEED)
+    try:
+        result = play_round(
+            env, group, calls, {0: reference[0]}, rng=random.Random(SEED), kills=0, every_s=1.0
         )
+    finally:
+        faults.clear()
+    assert result.wav_mismatches == []
+    assert result.row_mismatches == {}
+    assert result.dead_letters == []
 
-    wait_until(settled, 240)
-    quiet(env)
-    bad = wav_mismatches(env, calls)
-    assert bad == [], (chaos.kills, describe_calls(env, {b.split(":")[0] for b in bad}))
-    for contact, rows in expected.items():
-        assert all_rows(env, contact) == rows, (contact, chaos.kills)
-    kinesis = aws.client("kinesis", env["APP_REGION"])
-    assert list_dead_letters(kinesis, env["CALLSTREAM_DEADLETTER_STREAM"]) == []
+
+def test_sigterm_releases_the_leases_so_the_other_instance_takes_over_at_once(
+    chaos_stack: tuple[dict[str, str], ServiceGroup],
+) -> None:
+    from callstream.bus.leases import LeaseTable
+
+    env, group = chaos_stack
+    table = LeaseTable(aws.client("dynamodb", env["APP_REGION"]), env["CALLSTREAM_LEASE_TABLE"])
+    prefix = f"recorder/{env['CALLSTREAM_AUDIO_STREAM']}/"
+    leaving, staying = [p for p in group.processes if p.name == "recorder" and p.alive()][:2]
+    worker = f"recorder-{leaving.index}-{os.getpid()}"
+    assert leaving.stop() == 0
+    group.processes.remove(leaving)
+    assert all(lease.owner != worker for lease in table.scan(prefix))  # released, not expired
+    other = f"recorder-{staying.index}-{os.getpid()}"
+    assert wait_until(lambda: all(lease.owner == other for lease in table.scan(prefix)), 30, 0.2)

@@ -1,0 +1,95 @@
+"""Benchmark: the chaos round of tests/e2e/test_chaos.py at a larger size.
+
+Stand-alone: ``.venv/bin/python bench/chaos.py [--calls 60] [--transcribed 4]
+[--kills 15] [--instances 3] [--seed 4]`` (several minutes). Starts the
+embedded emulator and `--instances` processes of every service, plays the
+transcribed calls undisturbed for reference rows, then plays every call while
+SIGKILLing a random instance of each service in turn, and prints what was
+killed, how long the round took, and any WAV, row or dead-letter mismatch.
+Exit code 1 if anything was lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from types import ModuleType
+
+from callstream.local.emulator import CLEARED_ENV, Emulator
+from callstream.local.processes import ServiceGroup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _harness() -> ModuleType:
+    """tests/e2e/test_chaos.py by path (a site-packages `tests` package shadows ours)."""
+    spec = importlib.util.spec_from_file_location("chaos_harness", REPO / "tests/e2e/test_chaos.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["chaos_harness"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def run(args: argparse.Namespace) -> int:
+    """One large chaos round; 0 when the outputs equal an undisturbed run's."""
+    h = _harness()
+    workdir = Path(tempfile.mkdtemp(prefix="chaos-bench-"))
+    with Emulator() as emulator:
+        env = h.chaos_env(emulator.env(), workdir, f"bench{args.seed}")
+        for name in CLEARED_ENV:
+            os.environ.pop(name, None)
+        os.environ.update(env)
+        h.provision_chaos(env, shards=args.shards)
+        group = ServiceGroup(env, workdir / "logs")
+        group.start(instances=args.instances)
+        try:
+            reference = h.undisturbed_rows(
+                env,
+                h.make_calls(random.Random(args.seed), args.calls, args.transcribed, 6.0, "ref"),
+            )
+            calls = h.make_calls(
+                random.Random(args.seed), args.calls, args.transcribed, 6.0, f"b{args.seed}"
+            )
+            result = h.play_round(
+                env,
+                group,
+                calls,
+                reference,
+                rng=random.Random(args.seed + 1),
+                kills=args.kills,
+                every_s=args.every_s,
+                timeout_s=600,
+            )
+        finally:
+            group.stop()
+    print(f"calls {args.calls} ({args.transcribed} transcribed), instances {args.instances}")
+    print(f"killed {len(result.kills)}: {result.kills}")
+    print(f"round took {result.seconds} s; logs in {workdir / 'logs'}")
+    print(f"WAV mismatches: {result.wav_mismatches or 'none'}")
+    print(f"row mismatches: {json.dumps(result.row_mismatches, default=str) or 'none'}")
+    print(f"dead letters: {result.dead_letters or 'none'}")
+    lost = result.wav_mismatches or result.row_mismatches or result.dead_letters
+    return 1 if lost else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--calls", type=int, default=60)
+    parser.add_argument("--transcribed", type=int, default=4)
+    parser.add_argument("--kills", type=int, default=15)
+    parser.add_argument("--every-s", type=float, default=2.0)
+    parser.add_argument("--instances", type=int, default=3)
+    parser.add_argument("--shards", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=4)
+    raise SystemExit(run(parser.parse_args()))
+
+
+if __name__ == "__main__":
+    main()
