@@ -21,7 +21,7 @@ from callstream.local.provision import provision
 from services.sentiment.core import LABELS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-SPEED = 4.0
+SPEED = 2.0
 TABLE = "callstream-sentiment"
 
 
@@ -34,10 +34,21 @@ def stack(emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     group = ServiceGroup(env, workdir / "logs")
     group.start()  # ingest, transcriber, recorder, persister: unchanged
     group.start(("sentiment",))  # the new consumer, started like the others
+    _wait_consuming(group)
     yield env
     group.stop()
     for process in group.processes:
         assert process.name != "sentiment" or '"level": "ERROR"' not in process.log_path.read_text()
+
+
+def _wait_consuming(group: ServiceGroup) -> None:
+    """Every service is past start-up (the transcriber has loaded its model)."""
+    deadline = time.monotonic() + 240
+    for process in group.processes:
+        while "consuming " not in process.log_path.read_text():
+            assert process.alive(), process.log_path.read_text()[-2000:]
+            assert time.monotonic() < deadline, f"{process.name} did not start consuming"
+            time.sleep(0.2)
 
 
 def _sentiment_rows(env: dict[str, str], contact_id: str, expected: int) -> list[dict[str, Any]]:
