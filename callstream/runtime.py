@@ -18,6 +18,9 @@ until flushed. Handlers without `flush` need not change.
 
 Stopping (SIGTERM): the loop finishes the record in hand, flushes, takes a
 last checkpoint and releases its leases, so another instance resumes at once.
+Retryable failures are still retried for `stop_grace_s` after the stop
+(ECS and Kubernetes wait 30 s before SIGKILL); then the loop gives up and
+leaves the unfinished records to the next owner.
 """
 
 from __future__ import annotations
@@ -74,6 +77,7 @@ class ServiceLoop:
         deadletters: RawSink,
         contract: Contract | None = None,
         poll_interval_s: float = 0.2,
+        stop_grace_s: float = 10.0,
     ) -> None:
         self.service = service
         self.source = source
@@ -81,6 +85,8 @@ class ServiceLoop:
         self.deadletters = deadletters
         self.contract = contract or default_contract()
         self.poll_interval_s = poll_interval_s
+        self.stop_grace_s = stop_grace_s
+        self._grace_ends: float | None = None
         self._open: dict[str, dict[str, str]] = {}  # shard -> contact -> first unsettled seq
         self._last: dict[str, str] = {}  # shard -> last processed seq
 
@@ -98,7 +104,8 @@ class ServiceLoop:
         except RetryableError as e:  # only raised once `stop` is set: replayed by the next owner
             log.warning("stopped while retrying: %s", e)
         finally:
-            self._last_flush()
+            stop.set()
+            self._last_flush(stop)
             self.checkpoint()
             self.source.close()
 
@@ -107,9 +114,9 @@ class ServiceLoop:
         if isinstance(self.handler, Flushing):
             self.handler.flush()
 
-    def _last_flush(self) -> None:
+    def _last_flush(self, stop: threading.Event) -> None:
         try:
-            self.flush()
+            self._retrying(self.flush, stop)
         except Exception:  # unflushed calls stay unsettled: the checkpoint keeps them
             log.exception("final flush failed; its records will be replayed")
 
@@ -154,9 +161,15 @@ class ServiceLoop:
                 return action()
             except RetryableError as e:
                 log.warning("retrying after: %s", e, extra={"shard_id": shard_id})
-                if stop is not None and stop.is_set():
+                if stop is not None and stop.is_set() and self._grace_over():
                     raise
                 time.sleep(next(delays))
+
+    def _grace_over(self) -> bool:
+        """After a stop, retries go on for `stop_grace_s`, then give up."""
+        if self._grace_ends is None:
+            self._grace_ends = time.monotonic() + self.stop_grace_s
+        return time.monotonic() > self._grace_ends
 
     def _handle(self, record: Record) -> str | None:
         try:

@@ -106,3 +106,76 @@ def test_retryable_failures_are_retried_until_they_pass() -> None:
     loop, dead = _loop(stream, handler, {})
     loop.process(loop.source.poll(), threading.Event())
     assert len(handler.seen) == 1 and dead.shards[0] == []
+
+
+class BufferedUntilFlushed(CallsUntilEnded):
+    """Test handler that buffers effects: a call is unsettled until flushed."""
+
+    def __init__(self, flush_failures: int = 0, tick_failures: int = 0) -> None:
+        super().__init__()
+        self.buffered: set[str] = set()
+        self.flushes = 0
+        self.flush_failures = flush_failures
+        self.tick_failures = tick_failures
+
+    def handle(self, event: Event, record: Record) -> None:
+        super().handle(event, record)
+        self.buffered.add(event.contact_id)  # type: ignore[union-attr]
+
+    def is_settled(self, contact_id: str) -> bool:
+        return contact_id not in self.buffered
+
+    def flush(self) -> None:
+        if self.flush_failures:
+            self.flush_failures -= 1
+            raise RetryableError("throttled")
+        self.flushes += 1
+        self.buffered.clear()
+
+    def tick(self) -> None:
+        if self.tick_failures:
+            self.tick_failures -= 1
+            raise RetryableError("engine busy")
+
+
+def test_buffered_effects_hold_the_checkpoint_until_flushed() -> None:
+    stream = MemoryStream("transcripts")
+    MemoryPublisher(stream).publish([_started("a"), _ended("a")])
+    checkpoints: dict = {}
+    handler = BufferedUntilFlushed()
+    loop, _ = _loop(stream, handler, checkpoints)  # type: ignore[arg-type]
+    loop.process(loop.source.poll())
+    loop.checkpoint()
+    assert checkpoints["shardId-000000000000"] == ("1", True)
+    loop.flush()
+    loop.checkpoint()
+    assert checkpoints["shardId-000000000000"] == ("2", False)
+
+
+def test_the_loop_retries_flush_and_tick_and_flushes_before_its_last_checkpoint() -> None:
+    stream = MemoryStream("transcripts")
+    MemoryPublisher(stream).publish([_started("a"), _ended("a")])
+    checkpoints: dict = {}
+    handler = BufferedUntilFlushed(flush_failures=2, tick_failures=2)
+    loop, _ = _loop(stream, handler, checkpoints)  # type: ignore[arg-type]
+    stop = threading.Event()
+
+    class StopAfterOnePoll:
+        def __init__(self, source: MemorySource) -> None:
+            self.source = source
+            self.stream = source.stream
+
+        def poll(self) -> list[Record]:
+            stop.set()
+            return self.source.poll()
+
+        def checkpoint(self, shard_id: str, sequence_number: str, *, inclusive: bool) -> None:
+            self.source.checkpoint(shard_id, sequence_number, inclusive=inclusive)
+
+        def close(self) -> None:
+            self.source.close()
+
+    loop.source = StopAfterOnePoll(loop.source)  # type: ignore[arg-type, assignment]
+    loop.run(stop)
+    assert handler.flushes >= 1 and handler.tick_failures == 0
+    assert checkpoints["shardId-000000000000"] == ("2", False)
