@@ -71,6 +71,7 @@ class _TrackFeed:
     closed: bool = False
     failed: bool = False
     streams_opened: int = 0
+    spool_full_logged: bool = False
 
 
 class CallTranscription:
@@ -149,11 +150,13 @@ class CallTranscription:
                 self._send(feed, ready)
 
     def _send(self, feed: _TrackFeed, chunk: AudioChunkCaptured) -> None:
-        dropped = feed.spool.add(chunk.offset_ms, chunk.pcm)
-        if dropped:
+        if feed.spool.add(chunk.offset_ms, chunk.pcm) and not feed.spool_full_logged:
+            # Once until the next final: a long silent stretch fills it chunk by chunk.
+            feed.spool_full_logged = True
             log.warning(
-                "resend buffer full: %d ms of audio can no longer be resent after a failure",
-                dropped,
+                "resend buffer full (%d ms without a final): older audio can no longer be "
+                "resent after a failure",
+                feed.spool.ms,
                 extra=self._extra(feed),
             )
         if feed.stream is None and feed.retry_at is None and not feed.closed:
@@ -346,6 +349,7 @@ class CallTranscription:
         feed.committed_ms = max(feed.committed_ms, end)
         feed.orphans = [o for o in feed.orphans if o > end]
         feed.spool.release_before(feed.committed_ms)
+        feed.spool_full_logged = False
         feed.clock.forget_before(hyp.end_ms)
 
     def _produce(

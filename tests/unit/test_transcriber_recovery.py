@@ -387,3 +387,20 @@ def test_stream_clock_maps_filler_silence_to_no_call_time() -> None:
     assert clock.span(1500, 5500) is None
     assert clock.span(900, 6200) == (900, 1200)
     assert clock.span(5900, 6500) == (1000, 1500)
+
+
+def test_past_the_resend_limit_the_oldest_audio_is_not_resent_and_this_is_logged_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = Clock()
+    engine = BurstEngine(clock, [Failure(0, 25_000)])
+    policy = RecoveryPolicy(resend_limit_ms=10_000, backoff_base_s=0.1, backoff_max_s=0.1)
+    call = CallTranscription(C, engine, policy=policy)
+    with caplog.at_level(logging.WARNING):
+        out = run_call(call, clock, speech(1, period_ms=40_000, word_ms=30_000))
+    assert len([r for r in caplog.records if "resend buffer full" in r.message]) == 1
+    # The stream failed 25 s in: only its last 10 s were resent, so the word's
+    # first 15 s are lost and its final starts after them.
+    assert engine.streams[1].heard_ms < 40_000 - 15_000
+    ((text, start, end),) = finals(out)
+    assert (text, end) == ("w1", 31_000) and 15_000 <= start <= 16_000
