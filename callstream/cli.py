@@ -139,12 +139,19 @@ def _add_deadletters(commands: Any) -> None:
     listing = sub.add_parser("list", help="list dead letters")
     listing.add_argument("--since-minutes", type=float, default=24 * 60.0)
     listing.add_argument("--service", help="only this service's")
+    listing.add_argument("--reason", help="only letters whose reason contains this")
     listing.add_argument("--json", action="store_true", help="JSON lines")
     _aws_options(listing)
     listing.set_defaults(run=_deadletters_list)
-    redrive = sub.add_parser("redrive", help="put dead letters back on their source stream")
+    redrive = sub.add_parser(
+        "redrive",
+        help="put dead letters back on their source stream (each original record once)",
+    )
     redrive.add_argument("--service", help="only this service's")
-    redrive.add_argument("--dry-run", action="store_true", help="say what would be redriven")
+    redrive.add_argument("--reason", help="only letters whose reason contains this")
+    redrive.add_argument(
+        "--dry-run", action="store_true", help="say what would be put back, put nothing"
+    )
     _aws_options(redrive)
     redrive.set_defaults(run=_deadletters_redrive)
 
@@ -559,29 +566,24 @@ def _print_calls(rows: list[dict[str, Any]], out: TextIO) -> None:
 # ---------------------------------------------------------------- dead letters
 
 
-def list_dead_letters(kinesis: Any, stream: str, since_ms: int) -> list[Any]:
-    """Dead letters written to `stream` since `since_ms`, oldest first per shard."""
-    from callstream.events import DeadLetter
-
-    return [e for e in read_since(kinesis, stream, since_ms) if isinstance(e, DeadLetter)]
-
-
 def _deadletters_list(args: argparse.Namespace) -> int:
+    from callstream.deadletters import list_dead_letters
+
     since_ms = int(time.time() * 1000) - int(args.since_minutes * 60_000)
-    letters = list_dead_letters(_client("kinesis"), _bus().deadletter_stream, since_ms)
-    letters = [d for d in letters if args.service in (None, d.service)]
-    for letter in letters:
+    entries = list_dead_letters(
+        _client("kinesis"), _bus().deadletter_stream, service=args.service, reason=args.reason
+    )
+    entries = [e for e in entries if e.letter.failed_at_ms >= since_ms]
+    for entry in entries:
+        letter = entry.letter
         if args.json:
             fields = {k: v for k, v in asdict(letter).items() if k != "data"}
-            print(json.dumps({**fields, "bytes": len(letter.data)}))
+            print(json.dumps({"id": entry.id, **fields, "bytes": len(letter.data)}))
         else:
             when = datetime.fromtimestamp(letter.failed_at_ms / 1000, UTC).isoformat()
-            print(
-                f"{when} {letter.service:<12} {letter.source_stream} {letter.shard_id} "
-                f"{letter.sequence_number}: {letter.reason}"
-            )
+            print(f"{entry.id} {when} {letter.service:<12} {entry.original}: {letter.reason}")
     if not args.json:
-        print(f"{len(letters)} dead letter(s)", file=sys.stderr)
+        print(f"{len(entries)} dead letter(s)", file=sys.stderr)
     return 0
 
 
@@ -590,13 +592,19 @@ def _deadletters_redrive(args: argparse.Namespace) -> int:
         module = importlib.import_module("callstream.deadletters")
     except ModuleNotFoundError:
         raise CliError(
-            "redrive needs callstream.deadletters, which is not in this installation yet"
+            "redrive needs callstream.deadletters, which is not in this installation"
         ) from None
     bus = _bus()
-    result = module.redrive(
-        _client("kinesis"), bus.deadletter_stream, service=args.service, dry_run=args.dry_run
+    report = module.redrive(
+        _client("kinesis"),
+        _client("dynamodb"),
+        deadletter_stream=bus.deadletter_stream,
+        ledger_table=bus.lease_table,
+        service=args.service,
+        reason=args.reason,
+        dry_run=args.dry_run,
     )
-    print(json.dumps(result, default=str))
+    print(json.dumps({"dry_run": args.dry_run, **asdict(report)}))
     return 0
 
 

@@ -22,6 +22,7 @@ import pytest
 
 from callstream import aws
 from callstream.bus.kinesis import KinesisPublisher
+from callstream.bus.leases import LeaseTable
 from callstream.bus.tail import StreamTail
 from callstream.cli import main
 from callstream.events import (
@@ -35,6 +36,7 @@ from callstream.events import (
 )
 from callstream.local.provision import provision
 from callstream.mkv import write_connect_call
+from callstream.service import ensure_stream
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -221,28 +223,41 @@ def test_calls_lists_an_active_call_with_its_lags(
     assert contact in capsys.readouterr().out
 
 
-def test_deadletters_list_shows_the_reason_and_redrive_says_what_is_missing(
+def test_deadletters_list_filters_and_redrive_puts_the_original_back_once(
     streams: dict[str, str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    sequence = str(uuid.uuid4().int)
+    region = streams["APP_REGION"]
+    LeaseTable(aws.client("dynamodb", region), "callstream-leases").ensure_table()
+    source = f"cli-redrive-{uuid.uuid4().hex[:8]}"  # not a stream the services read
+    ensure_stream(aws.client("kinesis", region), source)
+    sequence, reason = str(uuid.uuid4().int), f"bad bytes {uuid.uuid4()}"
     letter = DeadLetter(
         "recorder",
-        "callstream-audio",
+        source,
         "shardId-0",
         sequence,
         "pk",
-        "bad bytes",
+        reason,
         "PoisonRecordError",
         int(time.time() * 1000),
         b"xyz",
     )
-    _publish(streams["APP_REGION"], "callstream-deadletters", [letter])
+    _publish(region, "callstream-deadletters", [letter])
     assert main(["deadletters", "list", "--json", "--service", "recorder"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     (row,) = [r for r in rows if r["sequence_number"] == sequence]
-    assert row["reason"] == "bad bytes" and row["bytes"] == 3
-    try:
-        import callstream.deadletters  # noqa: F401
-    except ModuleNotFoundError:
-        assert main(["deadletters", "redrive", "--dry-run"]) == 1
-        assert "callstream.deadletters" in capsys.readouterr().err
+    assert row["reason"] == reason and row["bytes"] == 3
+    assert main(["deadletters", "redrive", "--reason", reason, "--dry-run"]) == 0
+    dry = json.loads(capsys.readouterr().out)
+    assert dry["dry_run"] is True and dry["redriven"] == [row["id"]]
+    assert main(["deadletters", "redrive", "--reason", reason]) == 0
+    assert json.loads(capsys.readouterr().out)["redriven"] == [row["id"]]
+    assert main(["deadletters", "redrive", "--reason", reason]) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert again["redriven"] == [] and again["already_redriven"] == [row["id"]]
+    kinesis = aws.client("kinesis", region)
+    shard = kinesis.list_shards(StreamName=source)["Shards"][0]["ShardId"]
+    iterator = kinesis.get_shard_iterator(
+        StreamName=source, ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    assert [r["Data"] for r in kinesis.get_records(ShardIterator=iterator)["Records"]] == [b"xyz"]
