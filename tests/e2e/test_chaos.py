@@ -15,8 +15,10 @@ undisturbed run.
 Asserted afterwards: every call's two WAVs carry exactly the PCM put into
 KVS, byte for byte; the transcribed calls' rows equal the undisturbed run's
 (same final segments by track, StartTime, EndTime and text; no extra rows);
-the dead-letter stream is empty. A second test runs the same pipeline while
-the emulator throttles a share of Kinesis, DynamoDB and S3 requests.
+the dead-letter stream is empty. Then, on the same stack: a round while the
+emulator throttles 20% of Kinesis, DynamoDB and S3 requests (nothing lost);
+SIGTERM releases the leases (handed over, not expired); a poison record is
+dead-lettered once per service (not once per instance) and redriven once.
 
 `bench/chaos.py` runs the same harness at a larger size.
 """
@@ -469,3 +471,30 @@ def test_sigterm_releases_the_leases_so_the_other_instance_takes_over_at_once(
     assert all(lease.owner != worker for lease in table.scan(prefix))  # released, not expired
     other = f"recorder-{staying.index}-{os.getpid()}"
     assert wait_until(lambda: all(lease.owner == other for lease in table.scan(prefix)), 30, 0.2)
+
+
+def test_a_poison_record_is_dead_lettered_once_per_service_and_redriven_on_demand(
+    chaos_stack: tuple[dict[str, str], ServiceGroup],
+) -> None:
+    from callstream.deadletters import redrive
+
+    env, _ = chaos_stack
+    kinesis = aws.client("kinesis", env["APP_REGION"])
+    dead = env["CALLSTREAM_DEADLETTER_STREAM"]
+    garbage = b"poison " + os.urandom(8)
+    kinesis.put_record(StreamName=env["CALLSTREAM_AUDIO_STREAM"], Data=garbage, PartitionKey="p")
+
+    def letters() -> list[Any]:
+        return [e for e in list_dead_letters(kinesis, dead) if e.letter.data == garbage]
+
+    assert wait_until(lambda: len(letters()) >= 2, 60)
+    assert sorted(e.letter.service for e in letters()) == ["recorder", "transcriber"]
+    report = redrive(
+        kinesis,
+        aws.client("dynamodb", env["APP_REGION"]),
+        deadletter_stream=dead,
+        ledger_table=env["CALLSTREAM_LEASE_TABLE"],
+    )
+    assert len(report.redriven) == 1 and len(report.already_redriven) == 1
+    assert wait_until(lambda: len(letters()) >= 4, 60)  # back on the stream, refused again
+    assert sorted(e.letter.service for e in letters()) == ["recorder"] * 2 + ["transcriber"] * 2
