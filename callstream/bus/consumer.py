@@ -258,8 +258,8 @@ class KinesisSource:
 
     # --- reading ------------------------------------------------------------
     def _read(self, shard_id: str) -> list[Record]:
-        iterator = self._iterator(shard_id)
         try:
+            iterator = self._iterator(shard_id)
             response = self.kinesis.get_records(ShardIterator=iterator, Limit=self.max_records)
         except ClientError as e:
             code = e.response["Error"]["Code"]

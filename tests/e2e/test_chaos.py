@@ -373,9 +373,20 @@ def play_round(
 
     wait_until(settled, timeout_s)
     quiet(env)
+    return compare(env, calls, want, chaos.kills, started)
+
+
+def compare(
+    env: dict[str, str],
+    calls: list[CallSpec],
+    want: dict[str, Any],
+    kills: list[tuple[float, str]],
+    started: float,
+) -> RoundResult:
+    """The round's WAVs, rows and dead letters against what an undisturbed run gives."""
     kinesis = aws.client("kinesis", env["APP_REGION"])
     return RoundResult(
-        kills=chaos.kills,
+        kills=kills,
         wav_mismatches=wav_mismatches(env, calls),
         row_mismatches={
             c: {"got": got, "want": rows}
