@@ -65,6 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_calls(commands)
     _add_deadletters(commands)
     _add_kvs(commands)
+    liveview = commands.add_parser(
+        "liveview", help="the live call view: a web page on 127.0.0.1 (Ctrl-C stops it)"
+    )
+    liveview.add_argument("--port", type=int, default=8080)
+    liveview.add_argument("--bucket", help="recordings bucket (default RECORDINGS_BUCKET_NAME)")
+    _aws_options(liveview)
+    liveview.set_defaults(run=_liveview)
     return parser
 
 
@@ -298,6 +305,18 @@ def _trigger(args: argparse.Namespace) -> int:
     answer = lambda_handler(event)
     print(json.dumps(answer))
     return 0 if answer["status"] == "accepted" else 1
+
+
+def _liveview(args: argparse.Namespace) -> int:
+    from services.liveview.main import main as liveview_main
+
+    os.environ["CALLSTREAM_LIVEVIEW_PORT"] = str(args.port)
+    if args.bucket:
+        os.environ["RECORDINGS_BUCKET_NAME"] = args.bucket
+    elif args.local:
+        os.environ.setdefault("RECORDINGS_BUCKET_NAME", "callstream-recordings-local")
+    liveview_main()
+    return 0
 
 
 # ---------------------------------------------------------------- replay

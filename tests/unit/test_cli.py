@@ -22,6 +22,7 @@ COMMANDS = [
     ["deadletters", "list"],
     ["deadletters", "redrive"],
     ["kvs", "dump"],
+    ["liveview"],
 ]
 
 
