@@ -5,6 +5,6 @@ COPY pyproject.toml README.md ./
 COPY callstream ./callstream
 COPY services ./services
 COPY schemas ./schemas
-RUN pip install --no-cache-dir -e '.[local,transcribe]'
+RUN pip install --no-cache-dir -e '.[local,transcribe,sentiment]'
 ENV PYTHONUNBUFFERED=1
 CMD ["python", "-m", "services.ingest.main"]
