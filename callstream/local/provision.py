@@ -26,7 +26,7 @@ def provision(environ: Mapping[str, str], audio_shards: int = 2) -> dict[str, st
     bucket = env.text("RECORDINGS_BUCKET_NAME", DEFAULT_BUCKET)
     kinesis = aws.client("kinesis", bus.region)
     for stream, shards in (
-        (bus.calls_stream, 1),
+        (bus.calls_stream, audio_shards),  # so several ingest instances share new calls
         (bus.audio_stream, audio_shards),
         (bus.transcripts_stream, audio_shards),
         (bus.deadletter_stream, 1),
