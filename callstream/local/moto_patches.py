@@ -17,7 +17,9 @@ Patched here:
 - atomicity moto lacks under its threaded server: Kinesis appends to a shard
   under a lock (moto computes "last sequence + 1" unlocked, so two
   concurrent PutRecords to one shard could get the same number and one
-  record silently replaced the other), and DynamoDB writes run one at a time
+  record silently replaced the other; reads that iterate a shard while it
+  grows failed with "OrderedDict mutated during iteration"), and DynamoDB
+  writes run one at a time
   (moto checks a ConditionExpression and writes in two unlocked steps, so
   two conditional lease takes could both succeed).
 - kinesis resharding behaves as on AWS (moto 5.2.5 got it wrong): after
@@ -182,7 +184,8 @@ def _locked(original: Callable[..., Any]) -> Any:
 
 def _patch_atomic_writes(patches: PatchSet) -> None:
     """Serialise shard appends and DynamoDB writes, as the real services are atomic."""
-    patches.replace(Shard, "put_record", _locked(Shard.put_record))
+    for method in ("put_record", "get_records", "to_json"):  # reads iterate the records dict
+        patches.replace(Shard, method, _locked(getattr(Shard, method)))
     for method in (
         "put_item",
         "update_item",
