@@ -18,7 +18,8 @@ KVS, byte for byte; the transcribed calls' rows equal the undisturbed run's
 the dead-letter stream is empty. Then, on the same stack: a round while the
 emulator throttles 20% of Kinesis, DynamoDB and S3 requests (nothing lost);
 SIGTERM releases the leases (handed over, not expired); a poison record is
-dead-lettered once per service (not once per instance) and redriven once.
+dead-lettered by each service (at least once: a shard handed over before its
+checkpoint may dead-letter it again) and its original is redriven once.
 
 `bench/chaos.py` runs the same harness at a larger size.
 """
@@ -484,7 +485,7 @@ def test_sigterm_releases_the_leases_so_the_other_instance_takes_over_at_once(
     assert wait_until(lambda: all(lease.owner == other for lease in table.scan(prefix)), 30, 0.2)
 
 
-def test_a_poison_record_is_dead_lettered_once_per_service_and_redriven_on_demand(
+def test_a_poison_record_is_dead_lettered_by_each_service_and_redriven_once(
     chaos_stack: tuple[dict[str, str], ServiceGroup],
 ) -> None:
     from callstream.deadletters import redrive
@@ -498,14 +499,23 @@ def test_a_poison_record_is_dead_lettered_once_per_service_and_redriven_on_deman
     def letters() -> list[Any]:
         return [e for e in list_dead_letters(kinesis, dead) if e.letter.data == garbage]
 
-    assert wait_until(lambda: len(letters()) >= 2, 60)
-    assert sorted(e.letter.service for e in letters()) == ["recorder", "transcriber"]
+    def services_of(entries: list[Any]) -> set[str]:
+        return {e.letter.service for e in entries}
+
+    # At-least-once: an instance that loses the shard before its checkpoint may let the
+    # next owner dead-letter the record again; redrive still puts it back only once.
+    assert wait_until(lambda: services_of(letters()) == {"recorder", "transcriber"}, 60)
+    (original,) = {e.original for e in letters()}
     report = redrive(
         kinesis,
         aws.client("dynamodb", env["APP_REGION"]),
         deadletter_stream=dead,
         ledger_table=env["CALLSTREAM_LEASE_TABLE"],
     )
-    assert len(report.redriven) == 1 and len(report.already_redriven) == 1
-    assert wait_until(lambda: len(letters()) >= 4, 60)  # back on the stream, refused again
-    assert sorted(e.letter.service for e in letters()) == ["recorder"] * 2 + ["transcriber"] * 2
+    assert len(report.redriven) == 1  # one original, however many letters name it
+
+    def redriven() -> list[Any]:
+        return [e for e in letters() if e.original != original]
+
+    assert wait_until(lambda: services_of(redriven()) == {"recorder", "transcriber"}, 60)
+    assert len({e.original for e in redriven()}) == 1
