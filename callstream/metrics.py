@@ -36,6 +36,7 @@ CHUNKS = "audio_chunks"  # counter: AudioChunkCaptured handled or published
 SEGMENTS = "transcript_segments"  # counter, label kind=partial|final
 ERRORS = "errors"  # counter, label type
 DEAD_LETTERS = "dead_letters"  # counter
+RECORDS = "records_processed"  # counter, label shard: records read and handled
 NAMESPACE = "callstream"
 MODES = ("emf", "prometheus", "off")
 

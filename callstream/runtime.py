@@ -37,6 +37,7 @@ from callstream.bus.ports import RawSink, Record, RecordSource
 from callstream.contract import Contract, default_contract
 from callstream.errors import PoisonRecordError, RetryableError
 from callstream.events import DeadLetter, Event
+from callstream.metrics import DEAD_LETTERS, ERRORS, RECORDS, Metrics
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -78,7 +79,9 @@ class ServiceLoop:
         contract: Contract | None = None,
         poll_interval_s: float = 0.2,
         stop_grace_s: float = 10.0,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics or Metrics(service, "off")
         self.service = service
         self.source = source
         self.handler = handler
@@ -123,6 +126,7 @@ class ServiceLoop:
     def process(self, records: list[Record], stop: threading.Event | None = None) -> None:
         """Decode and handle records in order; dead-letter what cannot be processed."""
         for record in records:
+            self.metrics.count(RECORDS, shard=record.shard_id)
             contact = self._handle_with_retry(record, stop)
             self._last[record.shard_id] = record.sequence_number
             if contact is not None:
@@ -160,6 +164,7 @@ class ServiceLoop:
             try:
                 return action()
             except RetryableError as e:
+                self.metrics.count(ERRORS, type="retryable")
                 log.warning("retrying after: %s", e, extra={"shard_id": shard_id})
                 if stop is not None and stop.is_set() and self._grace_over():
                     raise
@@ -187,6 +192,8 @@ class ServiceLoop:
         return getattr(event, "contact_id", None)
 
     def _dead_letter(self, record: Record, reason: str, error_type: str) -> None:
+        self.metrics.count(DEAD_LETTERS)
+        self.metrics.count(ERRORS, type=error_type)
         letter = DeadLetter(
             service=self.service,
             source_stream=record.stream,

@@ -25,6 +25,7 @@ from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable
 from callstream.config import BusSettings, Env
 from callstream.errors import ConfigError
+from callstream.metrics import start_observability
 from callstream.runtime import Handler, ServiceLoop
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
     ensure_stream(kinesis, stream)
     ensure_stream(kinesis, bus.deadletter_stream)
     loop: ServiceLoop | None = None
+    metrics = start_observability(service, ready=lambda: bool(source.held_shards))
     source = KinesisSource(
         kinesis,
         leases,
@@ -78,6 +80,7 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
         worker_id=bus.worker_id,
         lease_ms=load_settings(lease_ms),
         on_shard_lost=lambda shard: loop.shard_lost(shard) if loop else None,
+        metrics=metrics,
     )
     loop = ServiceLoop(
         service,
@@ -85,10 +88,14 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
         handler,
         KinesisPublisher(kinesis, bus.deadletter_stream),
         poll_interval_s=bus.poll_interval_ms / 1000,
+        metrics=metrics,
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     log.info("consuming %s as %s", stream, bus.worker_id, extra={"stream": stream})
-    loop.run(stop)
+    try:
+        loop.run(stop)
+    finally:
+        metrics.stop()
     log.info("stopped")

@@ -35,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.bus.leases import Lease, LeaseTable, fair_share, now_ms
 from callstream.bus.ports import Record
+from callstream.metrics import ITERATOR_AGE_MS, Metrics
 
 log = logging.getLogger(__name__)
 SHARD_END = "SHARD_END"
@@ -54,8 +55,10 @@ class KinesisSource:
         lease_ms: int = 10_000,
         max_records: int = 1000,
         on_shard_lost: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.kinesis = kinesis
+        self.metrics = metrics
         self.leases = leases
         self.stream = stream
         self.prefix = f"{group}/{stream}/"
@@ -272,6 +275,9 @@ class KinesisSource:
             log.warning("get_records: %s", e, extra={**self._extra, "shard_id": shard_id})
             return []
         self._iterators[shard_id] = response.get("NextShardIterator")
+        if self.metrics is not None:
+            behind = float(response.get("MillisBehindLatest", 0))
+            self.metrics.gauge(ITERATOR_AGE_MS, behind, shard=shard_id)
         records = [
             Record(self.stream, shard_id, r["SequenceNumber"], r["PartitionKey"], r["Data"])
             for r in response.get("Records", [])

@@ -85,7 +85,8 @@ class CallRecording:
         if chunk.sequence in progress.sequences:
             return []
         progress.sequences.add(chunk.sequence)
-        offset = chunk.sample_offset * 2
+        # Gaps in the KVS stream (lost fragments) stay silent: wall-clock placement.
+        offset = (chunk.sample_offset + chunk.gap_total_ms * 8) * 2
         progress.end_byte = max(progress.end_byte, offset + len(chunk.pcm))
         if chunk.sample_offset == 0:
             progress.first_start_time_ms = chunk.start_time_ms

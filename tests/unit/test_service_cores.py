@@ -147,3 +147,25 @@ def test_disabled_transcription_forwards_call_end_without_segments() -> None:
     out = call.accept(started) + call.accept(_chunk(Track.TO_CUSTOMER, 0, b"\x00" * 320))
     out += call.accept(_ended(AUDIO_TO_CUSTOMER=1))
     assert engine.streams == {} and len(out) == 1 and isinstance(out[0], CallEnded)
+
+
+def test_recording_keeps_wall_clock_timing_across_a_kvs_gap() -> None:
+    rec = CallRecording(C, "rec/")
+    first = _chunk(Track.FROM_CUSTOMER, 0, b"\x01" * 256)
+    after_gap = AudioChunkCaptured(
+        C,
+        Track.FROM_CUSTOMER,
+        1,
+        128,
+        16,
+        1_700_000_002_016,
+        b"\x02" * 256,
+        "3",
+        gap_before_ms=2000,
+        gap_total_ms=2000,
+    )
+    writes = rec.accept(first) + rec.accept(after_gap)
+    assert [w.byte_offset for w in writes] == [0, (128 + 2000 * 8) * 2]
+    rec.accept(_ended(AUDIO_FROM_CUSTOMER=2))
+    (upload,) = rec.uploads()
+    assert upload.pcm_bytes == (128 + 16000 + 128) * 2
