@@ -36,8 +36,16 @@ from callstream.bus.leases import now_ms
 from callstream.bus.ports import RawSink, Record, RecordSource
 from callstream.contract import Contract, default_contract
 from callstream.errors import PoisonRecordError, RetryableError
-from callstream.events import DeadLetter, Event
-from callstream.metrics import DEAD_LETTERS, ERRORS, RECORDS, Metrics
+from callstream.events import AudioChunkCaptured, DeadLetter, Event, TranscriptSegmentProduced
+from callstream.metrics import (
+    CALLS_IN_PROGRESS,
+    CHUNKS,
+    DEAD_LETTERS,
+    ERRORS,
+    RECORDS,
+    SEGMENTS,
+    Metrics,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -145,6 +153,13 @@ class ServiceLoop:
                 self.source.checkpoint(shard_id, oldest, inclusive=True)
             else:
                 self.source.checkpoint(shard_id, last, inclusive=False)
+        self.metrics.gauge(CALLS_IN_PROGRESS, sum(len(calls) for calls in self._open.values()))
+
+    def _count(self, event: Event) -> None:
+        if isinstance(event, AudioChunkCaptured):
+            self.metrics.count(CHUNKS)
+        elif isinstance(event, TranscriptSegmentProduced):
+            self.metrics.count(SEGMENTS, kind="partial" if event.is_partial else "final")
 
     def shard_lost(self, shard_id: str) -> None:
         """Forget the calls of a shard another instance now owns."""
@@ -180,6 +195,7 @@ class ServiceLoop:
         try:
             event = self.contract.decode(record.data)
             self.handler.handle(event, record)
+            self._count(event)
         except PoisonRecordError as e:
             self._dead_letter(record, e.reason, type(e).__name__)
             return None

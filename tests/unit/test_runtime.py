@@ -179,3 +179,25 @@ def test_the_loop_retries_flush_and_tick_and_flushes_before_its_last_checkpoint(
     loop.run(stop)
     assert handler.flushes >= 1 and handler.tick_failures == 0
     assert checkpoints["shardId-000000000000"] == ("2", False)
+
+
+def test_the_loop_counts_what_it_handles_and_the_calls_still_open() -> None:
+    from callstream.metrics import CALLS_IN_PROGRESS, DEAD_LETTERS, RECORDS, Metrics
+
+    stream = MemoryStream("audio")
+    stream.append("k", b"garbage")
+    MemoryPublisher(stream).publish([_started("a"), _started("b"), _ended("b")])
+    metrics = Metrics("test", "prometheus")
+    loop = ServiceLoop(
+        "test",
+        MemorySource(stream),
+        CallsUntilEnded(),
+        MemoryPublisher(MemoryStream("d")),
+        metrics=metrics,
+    )
+    loop.process(loop.source.poll())
+    loop.checkpoint()
+    assert metrics.value(RECORDS, shard="shardId-000000000000") == 4
+    assert metrics.value(DEAD_LETTERS) == 1
+    assert metrics.value(CALLS_IN_PROGRESS) == 1
+    assert 'callstream_calls_in_progress{service="test"} 1' in metrics.prometheus()
