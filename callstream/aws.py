@@ -8,6 +8,7 @@ adaptive mode so throttling backs off with jitter before our own code sees it.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from functools import cache
 from typing import Any
@@ -42,3 +43,37 @@ def client(service: str, region: str, endpoint_url: str | None = None, **config:
     cfg = _RETRIES.merge(Config(**config)) if config else _RETRIES
     with _LOCK:
         return session(region).client(service, endpoint_url=endpoint_url, config=cfg)
+
+
+def ensure_table(
+    dynamodb: Any,
+    name: str,
+    hash_key: tuple[str, str],
+    range_key: tuple[str, str] | None = None,
+    ttl_attribute: str | None = None,
+) -> None:
+    """Create an on-demand table if it does not exist (keys as (name, S|N|B)).
+
+    Looks first, so a deployment whose template made the table needs no
+    CreateTable permission; tolerates another instance creating it meanwhile.
+    """
+    try:
+        dynamodb.describe_table(TableName=name)
+        return
+    except dynamodb.exceptions.ResourceNotFoundException:
+        pass
+    keys = [(hash_key, "HASH")] + ([(range_key, "RANGE")] if range_key else [])
+    # another instance may create it first
+    with contextlib.suppress(dynamodb.exceptions.ResourceInUseException):
+        dynamodb.create_table(
+            TableName=name,
+            KeySchema=[{"AttributeName": k[0], "KeyType": kind} for k, kind in keys],
+            AttributeDefinitions=[{"AttributeName": k[0], "AttributeType": k[1]} for k, _ in keys],
+            BillingMode="PAY_PER_REQUEST",
+        )
+    dynamodb.get_waiter("table_exists").wait(TableName=name)
+    if ttl_attribute:
+        dynamodb.update_time_to_live(
+            TableName=name,
+            TimeToLiveSpecification={"Enabled": True, "AttributeName": ttl_attribute},
+        )

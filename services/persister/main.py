@@ -142,26 +142,9 @@ class PersisterHandler:
 def ensure_tables(dynamodb_client: Any, names: Iterable[str]) -> None:
     """Create the transcript tables (reference key schema, TTL) where missing."""
     for name in names:
-        try:
-            dynamodb_client.create_table(
-                TableName=name,
-                KeySchema=[
-                    {"AttributeName": "ContactId", "KeyType": "HASH"},
-                    {"AttributeName": "StartTime", "KeyType": "RANGE"},
-                ],
-                AttributeDefinitions=[
-                    {"AttributeName": "ContactId", "AttributeType": "S"},
-                    {"AttributeName": "StartTime", "AttributeType": "N"},
-                ],
-                BillingMode="PAY_PER_REQUEST",
-            )
-            dynamodb_client.get_waiter("table_exists").wait(TableName=name)
-            dynamodb_client.update_time_to_live(
-                TableName=name,
-                TimeToLiveSpecification={"Enabled": True, "AttributeName": "ExpiresAfter"},
-            )
-        except dynamodb_client.exceptions.ResourceInUseException:
-            pass
+        aws.ensure_table(
+            dynamodb_client, name, ("ContactId", "S"), ("StartTime", "N"), "ExpiresAfter"
+        )
 
 
 def main() -> None:

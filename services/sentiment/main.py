@@ -7,7 +7,6 @@ record the persister gets, and writes to its own table. See docs/add-a-consumer.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -80,20 +79,7 @@ class SentimentHandler:
 
 def ensure_table(dynamodb_client: Any, name: str) -> None:
     """Create the sentiment table (ContactId hash, SegmentId range) if missing."""
-    with contextlib.suppress(dynamodb_client.exceptions.ResourceInUseException):
-        dynamodb_client.create_table(
-            TableName=name,
-            KeySchema=[
-                {"AttributeName": "ContactId", "KeyType": "HASH"},
-                {"AttributeName": "SegmentId", "KeyType": "RANGE"},
-            ],
-            AttributeDefinitions=[
-                {"AttributeName": "ContactId", "AttributeType": "S"},
-                {"AttributeName": "SegmentId", "AttributeType": "S"},
-            ],
-            BillingMode="PAY_PER_REQUEST",
-        )
-    dynamodb_client.get_waiter("table_exists").wait(TableName=name)
+    aws.ensure_table(dynamodb_client, name, ("ContactId", "S"), ("SegmentId", "S"))
 
 
 def make_scorer(settings: SentimentSettings) -> Scorer:
