@@ -15,6 +15,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
+from callstream.aws import ensure_table
 from callstream.local.emulator import Emulator
 from callstream.local.faults import remote_faults
 
@@ -24,18 +25,7 @@ NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
 
 def _table(dynamodb: Any) -> str:
     name = f"throttle-{uuid.uuid4().hex[:8]}"
-    dynamodb.create_table(
-        TableName=name,
-        KeySchema=[
-            {"AttributeName": "ContactId", "KeyType": "HASH"},
-            {"AttributeName": "StartTime", "KeyType": "RANGE"},
-        ],
-        AttributeDefinitions=[
-            {"AttributeName": "ContactId", "AttributeType": "S"},
-            {"AttributeName": "StartTime", "AttributeType": "N"},
-        ],
-        BillingMode="PAY_PER_REQUEST",
-    )
+    ensure_table(dynamodb, name, ("ContactId", "S"), ("StartTime", "N"))
     return name
 
 
