@@ -102,10 +102,11 @@ class BusSettings:
     lease_table: str
     worker_id: str
     poll_interval_ms: int
+    progress_table: str = "callstream-progress"
 
     @classmethod
     def from_env(cls, env: Env) -> BusSettings:
-        """Read CALLSTREAM_*_STREAM, CALLSTREAM_LEASE_TABLE and APP_REGION."""
+        """Read CALLSTREAM_*_STREAM, CALLSTREAM_{LEASE,PROGRESS}_TABLE and APP_REGION."""
         return cls(
             region=env.region("APP_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
             calls_stream=env.name("CALLSTREAM_CALLS_STREAM", "callstream-calls"),
@@ -115,6 +116,7 @@ class BusSettings:
             lease_table=env.name("CALLSTREAM_LEASE_TABLE", "callstream-leases"),
             worker_id=env.text("CALLSTREAM_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
             poll_interval_ms=env.integer("CALLSTREAM_POLL_INTERVAL_MS", 200, minimum=10),
+            progress_table=env.name("CALLSTREAM_PROGRESS_TABLE", "callstream-progress"),
         )
 
 
