@@ -16,6 +16,12 @@ optional `flush()` (see `Flushing`), called with retries after each batch
 and before every checkpoint, and it reports its buffered calls as unsettled
 until flushed. Handlers without `flush` need not change.
 
+A call lasts minutes, and one call's first record would hold its shard's
+checkpoint back for all of it. A handler that saves per-call progress (see
+`callstream.progress`) may say, through the optional `resume_point()` (see
+`Resuming`), from which record a restart needs the call again; the loop then
+keeps that record instead of the call's first.
+
 Stopping (SIGTERM): the loop finishes the record in hand, flushes, takes a
 last checkpoint and releases its leases, so another instance resumes at once.
 Retryable failures are still retried for `stop_grace_s` after the stop
@@ -73,6 +79,15 @@ class Flushing(Protocol):
 
     def flush(self) -> None:
         """Apply buffered effects durably or raise (RetryableError: retried)."""
+
+
+@runtime_checkable
+class Resuming(Protocol):
+    """Optional extension of a Handler whose calls can resume mid-way after a restart."""
+
+    def resume_point(self, contact_id: str) -> tuple[str, str] | None:
+        """(shard id, sequence number) of the earliest record of this unsettled call a
+        restart needs again, its effects before it being durable; None: its first record."""
 
 
 class ServiceLoop:
@@ -148,12 +163,25 @@ class ServiceLoop:
             open_calls = self._open.get(shard_id, {})
             for contact in [c for c in open_calls if self.handler.is_settled(c)]:
                 del open_calls[contact]
+            self._advance(shard_id, open_calls)
             if open_calls:
                 oldest = min(open_calls.values(), key=int)
                 self.source.checkpoint(shard_id, oldest, inclusive=True)
             else:
                 self.source.checkpoint(shard_id, last, inclusive=False)
         self.metrics.gauge(CALLS_IN_PROGRESS, sum(len(calls) for calls in self._open.values()))
+
+    def _advance(self, shard_id: str, open_calls: dict[str, str]) -> None:
+        """Move open calls' safe points up to where the handler says they resume.
+
+        Only within the shard: a call that crossed a reshard keeps its
+        records on the parent until it settles."""
+        if not isinstance(self.handler, Resuming):
+            return
+        for contact, first in open_calls.items():
+            point = self.handler.resume_point(contact)
+            if point is not None and point[0] == shard_id and int(point[1]) > int(first):
+                open_calls[contact] = point[1]
 
     def _count(self, event: Event) -> None:
         if isinstance(event, AudioChunkCaptured):

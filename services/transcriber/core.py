@@ -18,6 +18,13 @@ silence, which maps to no call time, so nothing is transcribed from it. A
 stream that has carried `rollover_ms` of audio is closed and replaced the
 same way. Time comes in through `poll(now)`; the core never reads a clock.
 
+Resuming on another instance: `progress()` is the call's state as plain data
+(language, whether transcription is on, and per track the end of the last
+final and the sequence of the first chunk not wholly covered by finals);
+`restore(state)` continues from it: chunks before that sequence are dropped,
+the audio before the last final's end is cut off, and the engine restarts
+there, as after a stream failure.
+
 No AWS, no environment: the engine is a port handed in.
 """
 
@@ -25,8 +32,10 @@ from __future__ import annotations
 
 import logging
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from callstream.asr.base import Hypothesis, RecognitionStream, SpeechEngine
 from callstream.asr.errors import FatalSpeechError, RetryableSpeechError, SpeechEngineError
@@ -72,6 +81,7 @@ class _TrackFeed:
     failed: bool = False
     streams_opened: int = 0
     spool_full_logged: bool = False
+    sent: deque[tuple[int, int]] = field(default_factory=deque)  # (sequence, end ms) since final
 
 
 class CallTranscription:
@@ -150,7 +160,10 @@ class CallTranscription:
                 self._send(feed, ready)
 
     def _send(self, feed: _TrackFeed, chunk: AudioChunkCaptured) -> None:
-        if feed.spool.add(chunk.offset_ms, chunk.pcm) and not feed.spool_full_logged:
+        feed.sent.append((chunk.sequence, chunk.offset_ms + len(chunk.pcm) // BYTES_PER_MS))
+        dropped = feed.spool.add(chunk.offset_ms, chunk.pcm)
+        feed.spool.release_before(feed.committed_ms)  # a restored track resumes mid-chunk
+        if dropped and not feed.spool_full_logged:
             # Once until the next final: a long silent stretch fills it chunk by chunk.
             feed.spool_full_logged = True
             log.warning(
@@ -187,6 +200,42 @@ class CallTranscription:
         feed.last_partial.clear()
         for call_ms, pcm in feed.spool.pieces():
             self._write(feed, call_ms, pcm)
+
+    # --- progress, for a resume elsewhere -------------------------------------------
+
+    def progress(self) -> dict[str, Any]:
+        """What another instance needs to go on from the last finals (plain data)."""
+        return {
+            "language": self.language,
+            "enabled": self.enabled,
+            "call_start_time_ms": self.call_start_time_ms,
+            "done": self.done,
+            "tracks": {
+                feed.track.value: {
+                    "committed_ms": feed.committed_ms,
+                    "last_final_start": feed.last_final_start,
+                    "resume_sequence": feed.sent[0][0] if feed.sent else feed.next_sequence,
+                }
+                for feed in self.feeds.values()
+            },
+        }
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from `progress()` saved by another instance."""
+        self.language = state["language"]
+        self.enabled = state["enabled"]
+        self.call_start_time_ms = state["call_start_time_ms"]
+        for name, saved in state["tracks"].items():
+            feed = _TrackFeed(Track(name), AudioSpool(self.policy.resend_limit_ms))
+            feed.committed_ms = saved["committed_ms"]
+            feed.last_final_start = saved["last_final_start"]
+            feed.next_sequence = saved["resume_sequence"]
+            self.feeds[feed.track] = feed
+        log.info(
+            "resuming after the last finals: %s",
+            {name: t["committed_ms"] for name, t in state["tracks"].items()},
+            extra={"contact_id": self.contact_id},
+        )
 
     # --- engine results, failures, keep-alive and rollover ----------------------------
 
@@ -277,6 +326,8 @@ class CallTranscription:
     def _all_audio_in(self) -> bool:
         if self.ended is None:
             return False
+        if not self.enabled:
+            return True  # no chunk is transcribed, so none needs waiting for
         for name, count in self.ended.chunk_counts.items():
             feed = self.feeds.get(Track(name))
             if (feed.next_sequence if feed else 0) < count:
@@ -349,6 +400,8 @@ class CallTranscription:
         feed.committed_ms = max(feed.committed_ms, end)
         feed.orphans = [o for o in feed.orphans if o > end]
         feed.spool.release_before(feed.committed_ms)
+        while feed.sent and feed.sent[0][1] <= feed.committed_ms:
+            feed.sent.popleft()
         feed.spool_full_logged = False
         feed.clock.forget_before(hyp.end_ms)
 

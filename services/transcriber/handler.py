@@ -1,0 +1,191 @@
+"""The transcriber's handler: routes each call's events to its transcription,
+publishes the results, and saves how far each call got.
+
+Resume after a takeover (with a progress store): after finals are published,
+the call's `CallTranscription.progress()` is saved (at most every
+`save_interval_s` per call, and when the call is done), and the consumer loop
+is told, through `resume_point`, the record of the first chunk not wholly
+covered by saved finals, so the shard's checkpoint can move past the rest of
+the call. An instance that meets a call it does not hold loads its progress:
+done calls are skipped, others restart the engine after their last final. A
+call met mid-way (its CallStarted before the replay) with no progress saved
+was settled before, or not transcribed (whose progress is saved at its
+CallStarted), so it is skipped too: an enabled call without saved progress
+keeps its CallStarted in the replay.
+
+The handler passes the monotonic clock to the core, which decides retries
+and keep-alives. A call is settled once its last segments and its CallEnded
+are published.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from callstream.asr.base import SpeechEngine
+from callstream.bus.ports import EventSink, Record
+from callstream.events import AudioChunkCaptured, CallStarted, Event, TranscriptSegmentProduced
+from callstream.progress import ProgressStore
+from services.transcriber.core import CallTranscription
+from services.transcriber.recovery import RecoveryPolicy
+
+log = logging.getLogger(__name__)
+_DONE_MEMORY = 10_000
+Position = tuple[str, str]  # (shard id, sequence number) of a record
+
+
+@dataclass
+class _CallRecords:
+    """Where a call's chunks are on the shard, and what of it is saved."""
+
+    chunks: dict[tuple[str, int], Position] = field(default_factory=dict)
+    last: Position | None = None
+    saved: dict[str, Any] | None = None
+    save_pending: bool = False
+    saved_at: float = float("-inf")
+
+
+class TranscriberHandler:
+    """Routes each call's events to its transcription and publishes the results."""
+
+    def __init__(
+        self,
+        engine: SpeechEngine,
+        sink: EventSink,
+        default_language: str,
+        policy: RecoveryPolicy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        progress: ProgressStore | None = None,
+        save_interval_s: float = 1.0,
+    ) -> None:
+        self.engine = engine
+        self.sink = sink
+        self.default_language = default_language
+        self.policy = policy or RecoveryPolicy()
+        self.clock = clock
+        self.progress = progress
+        self.save_interval_s = save_interval_s
+        self.calls: dict[str, CallTranscription] = {}
+        self.records: dict[str, _CallRecords] = {}
+        self.done: OrderedDict[str, None] = OrderedDict()
+
+    def handle(self, event: Event, record: Record) -> None:
+        contact_id = getattr(event, "contact_id", None)
+        if contact_id is None or contact_id in self.done:
+            return
+        call = self.calls.get(contact_id) or self._start(contact_id, event)
+        if call is None:
+            return
+        self._remember(contact_id, event, record)
+        self._publish(call, call.accept(event, self.clock()))
+        if isinstance(event, CallStarted) and not call.enabled:
+            self._save(call)  # a replay met mid-call must know it is not transcribed
+
+    def is_settled(self, contact_id: str) -> bool:
+        return contact_id in self.done
+
+    def resume_point(self, contact_id: str) -> Position | None:
+        """The first record a restart needs: the chunk where saved finals end, per track."""
+        records = self.records.get(contact_id)
+        if records is None or records.saved is None or records.last is None:
+            return None
+        points = [
+            records.chunks.get((track, saved["resume_sequence"]), records.last)
+            for track, saved in records.saved["tracks"].items()
+        ] or [records.last]
+        if len({shard for shard, _ in points}) > 1:
+            return None  # the call crossed a reshard: keep its first record
+        return min(points, key=lambda p: int(p[1]))
+
+    def tick(self) -> None:
+        for call in list(self.calls.values()):
+            self._publish(call, call.poll(self.clock()))
+            records = self.records.get(call.contact_id)
+            if records is not None and records.save_pending:
+                self._save(call, due_only=True)
+
+    def forget(self, contact_ids: Iterable[str]) -> None:
+        for contact_id in contact_ids:
+            self.calls.pop(contact_id, None)
+            self.records.pop(contact_id, None)
+
+    # --- calls met for the first time -----------------------------------------------
+
+    def _start(self, contact_id: str, event: Event) -> CallTranscription | None:
+        state = self.progress.load(contact_id) if self.progress is not None else None
+        if state is not None and state["done"]:
+            self._retire(contact_id)
+            return None
+        if state is None and self.progress is not None and not isinstance(event, CallStarted):
+            log.info(
+                "call met mid-way with no progress saved: finished before or not transcribed",
+                extra={"contact_id": contact_id},
+            )
+            self._retire(contact_id)
+            return None
+        call = CallTranscription(contact_id, self.engine, self.default_language, self.policy)
+        if state is not None:
+            call.restore(state)
+        self.calls[contact_id] = call
+        self.records[contact_id] = _CallRecords(saved=state)
+        return call
+
+    def _remember(self, contact_id: str, event: Event, record: Record) -> None:
+        records = self.records.setdefault(contact_id, _CallRecords())
+        position = (record.shard_id, record.sequence_number)
+        records.last = position
+        if isinstance(event, AudioChunkCaptured):
+            records.chunks.setdefault((event.track.value, event.sequence), position)
+
+    # --- results out, progress saved ----------------------------------------------
+
+    def _publish(self, call: CallTranscription, events: list[Event]) -> None:
+        if events:
+            self.sink.publish(events)
+        records = self.records.get(call.contact_id)
+        if records is not None and any(
+            isinstance(e, TranscriptSegmentProduced) and not e.is_partial for e in events
+        ):
+            records.save_pending = True
+            self._save(call, due_only=True)
+        if call.done:
+            self._save(call)
+            self.calls.pop(call.contact_id, None)
+            self._retire(call.contact_id)
+
+    def _save(self, call: CallTranscription, *, due_only: bool = False) -> None:
+        """Save the call's progress (raises RetryableError: the loop retries)."""
+        records = self.records.get(call.contact_id)
+        if self.progress is None or records is None:
+            return
+        now = self.clock()
+        if due_only and now - records.saved_at < self.save_interval_s:
+            return
+        state = call.progress()
+        self.progress.save(call.contact_id, state, _version(state))
+        records.saved, records.saved_at, records.save_pending = state, now, False
+        self._prune(records)
+
+    def _prune(self, records: _CallRecords) -> None:
+        """Forget where chunks before the saved resume points are: never needed again."""
+        assert records.saved is not None
+        firsts = {t: s["resume_sequence"] for t, s in records.saved["tracks"].items()}
+        for key in [k for k in records.chunks if k[1] < firsts.get(k[0], 0)]:
+            del records.chunks[key]
+
+    def _retire(self, contact_id: str) -> None:
+        self.records.pop(contact_id, None)
+        self.done[contact_id] = None
+        while len(self.done) > _DONE_MEMORY:
+            self.done.popitem(last=False)
+
+
+def _version(state: dict[str, Any]) -> int:
+    """Grows with every new final and once more when the call is done."""
+    committed = sum(t["committed_ms"] + t["resume_sequence"] for t in state["tracks"].values())
+    return 1 + 4 * committed + 2 * int(state["done"])
