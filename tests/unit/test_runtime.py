@@ -201,3 +201,29 @@ def test_the_loop_counts_what_it_handles_and_the_calls_still_open() -> None:
     assert metrics.value(DEAD_LETTERS) == 1
     assert metrics.value(CALLS_IN_PROGRESS) == 1
     assert 'callstream_calls_in_progress{service="test"} 1' in metrics.prometheus()
+
+
+class ResumesAt(CallsUntilEnded):
+    """Test handler that names the record a restart needs for each call."""
+
+    def __init__(self, points: dict[str, tuple[str, str]]) -> None:
+        super().__init__()
+        self.points = points
+
+    def resume_point(self, contact_id: str) -> tuple[str, str] | None:
+        return self.points.get(contact_id)
+
+
+def test_checkpoint_keeps_a_resuming_call_from_its_resume_point_on_its_own_shard_only() -> None:
+    stream = MemoryStream("audio")
+    MemoryPublisher(stream).publish([_started("a"), _started("b"), _started("c"), _started("d")])
+    checkpoints: dict = {}
+    shard = "shardId-000000000000"
+    handler = ResumesAt({"a": (shard, "3"), "b": ("shardId-000000000001", "4")})
+    loop, _ = _loop(stream, handler, checkpoints)
+    loop.process(loop.source.poll())
+    loop.checkpoint()
+    assert checkpoints[shard] == ("2", True)  # "b" reports another shard: its first record
+    handler.ended.add("b")
+    loop.checkpoint()
+    assert checkpoints[shard] == ("3", True)  # "a" from its resume point, "c" from its first
