@@ -18,14 +18,32 @@ ends), and nothing is lost or published twice.
 Gaps: when a track's next frame starts later than its previous PCM ended (a
 fragment missing from the stream), the track's buffer is flushed and its next
 chunk carries `gap_before_ms`; sample offsets stay contiguous.
+
+Takeover: `export()` gives what has been *published* so far as a plain dict
+(PCM still in a track's buffer is left out: it is read again), and
+`CallIngest.restore(state)` rebuilds a core that carries on from there; a
+fragment cut part-way is read again and the bytes already published are
+skipped, as for a dropped connection. `advance(state, events)` moves a saved
+state past chunks found on the audio stream that a dead owner published after
+its last save. The session saves the export after each completed fragment
+(see docs/ingest.md, "Resume after a takeover").
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
-from callstream.events import AudioChunkCaptured, CallEnded, EndReason, Event, Track
+from callstream.events import (
+    AudioChunkCaptured,
+    CallEnded,
+    CallStarted,
+    EndReason,
+    Event,
+    Track,
+)
 from callstream.mkv.events import (
     ClusterEnded,
     ClusterStarted,
@@ -48,6 +66,7 @@ TAG_CONTACT_ID = "ContactId"
 TAG_FRAGMENT_NUMBER = "AWS_KINESISVIDEO_FRAGMENT_NUMBER"
 TAG_CONTINUATION = "AWS_KINESISVIDEO_CONTINUATION_TOKEN"
 TAG_ERROR_CODE = "AWS_KINESISVIDEO_ERROR_CODE"  # GetMedia's last Tags when it stops on an error
+STATE_FORMAT = 1  # of `CallIngest.export()`; bump when its meaning changes
 
 
 @dataclass
@@ -143,6 +162,54 @@ class CallIngest:
     def wants_end(self) -> bool:
         """The stream told us the call is over (contact changed, no audio track)."""
         return self._pending_end is not None
+
+    # --- takeover -------------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        """What is published so far, as JSON-able data; buffered PCM is left to be read again.
+
+        Exact only between `accept` calls whose chunks have all been published.
+        """
+        return {
+            "format": STATE_FORMAT,
+            "contact_id": self.contact_id,
+            "fragment_number": self.fragment_number,
+            "last_completed_fragment": self.last_completed_fragment,
+            "continuation_token": self.continuation_token,
+            "call_start_time_ms": self.call_start_time_ms,
+            "fragments": self.fragments_seen,
+            "errors": self.error_count,
+            "ended": self.ended is not None,
+            "track_numbers": {str(n): t.value for n, t in self.track_by_number.items()},
+            "tracks": {t.value: _export_track(s) for t, s in self.tracks.items()},
+        }
+
+    @classmethod
+    def restore(
+        cls, state: dict[str, Any], chunk_ms: int = 128, gap_tolerance_ms: int = 40
+    ) -> CallIngest:
+        """A core that goes on from an `export()`: the same chunks an undisturbed run gives."""
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"ingest state format {state.get('format')!r}, not {STATE_FORMAT}")
+        core = cls(state["contact_id"], chunk_ms, gap_tolerance_ms)
+        core.fragment_number = state["fragment_number"]
+        core.last_completed_fragment = state["last_completed_fragment"]
+        core.continuation_token = state["continuation_token"]
+        core.call_start_time_ms = state["call_start_time_ms"]
+        core.fragments_seen = state["fragments"]
+        core.error_count = state["errors"]
+        core.track_by_number = {int(n): Track(t) for n, t in state["track_numbers"].items()}
+        for name, saved in state["tracks"].items():
+            track = Track(name)
+            core.tracks[track] = _TrackState(
+                track,
+                sequence=saved["sequence"],
+                sample_offset=saved["sample_offset"],
+                next_time_ms=saved["next_time_ms"],
+                gap_ms=saved["gap_ms"],
+                gap_total_ms=saved["gap_total_ms"],
+                fragment_bytes=saved["fragment_bytes"],
+            )
+        return core
 
     # --- handlers -------------------------------------------------------------
     def _tags(self, event: TagsRead) -> list[Event]:
@@ -266,6 +333,128 @@ class CallIngest:
         state.sample_offset += size // 2
         state.buffer_start_ms = start_ms + (size // 2) // 8
         return chunk
+
+
+def _export_track(state: _TrackState) -> dict[str, Any]:
+    # Bytes of the fragment in progress accounted for (a re-read counts its skip),
+    # less what is still buffered: the published part, skipped when read again.
+    published = state.fragment_bytes + state.skip - len(state.buffer)
+    return {
+        "sequence": state.sequence,
+        "sample_offset": state.sample_offset,
+        # The buffer is contiguous from its start, so the published PCM ends there.
+        "next_time_ms": state.buffer_start_ms if state.buffer else state.next_time_ms,
+        "gap_ms": state.gap_ms,  # owed to the next chunk (the buffer began after a gap)
+        "gap_total_ms": state.gap_total_ms,
+        "fragment_bytes": published,
+    }
+
+
+def advance(
+    state: dict[str, Any] | None, contact_id: str, found: Iterable[Event]
+) -> dict[str, Any]:
+    """`state` moved past this call's events found on the audio stream after it was saved.
+
+    A dead owner may have published chunks after its last save. Fragments
+    before the newest one found were published whole (a publish returns only
+    once every record is stored, and a fragment's chunks go out before the
+    next fragment is read), so they count as completed; the newest one may be
+    partial: its published bytes per track become the skip of its re-read.
+    Per track only the unbroken run of sequences after the saved one counts
+    (a batch cut by a kill may have stored a later record but not an earlier
+    one; what follows a hole is published again, with the same sequences).
+    """
+    out = _empty_state(contact_id) if state is None else _copy(state)
+    chunks: dict[tuple[str, int], AudioChunkCaptured] = {}
+    for event in found:
+        if getattr(event, "contact_id", None) != contact_id:
+            continue
+        if isinstance(event, CallStarted):
+            out["started"] = True
+        elif isinstance(event, CallEnded):
+            out["ended"] = True
+        elif isinstance(event, AudioChunkCaptured):
+            chunks[(event.track.value, event.sequence)] = event
+    fresh = [c for c in chunks.values() if c.sequence >= _saved_sequence(out, c.track.value)]
+    if not fresh:
+        return out
+    taken: dict[str, list[AudioChunkCaptured]] = {}
+    for name in dict.fromkeys(c.track.value for c in fresh):  # first seen first, as published
+        run, sequence = [], _saved_sequence(out, name)
+        while (name, sequence) in chunks:
+            run.append(chunks[(name, sequence)])
+            sequence += 1
+        taken[name] = run
+    newest = max((c.fragment_number for c in fresh), key=_fragment_key)
+    _advance_fragments(out, newest, {c.fragment_number for c in fresh})
+    for name, run in taken.items():
+        _advance_track(out, out["tracks"].setdefault(name, _empty_track()), run, newest)
+    return out
+
+
+def _saved_sequence(state: dict[str, Any], track: str) -> int:
+    saved: int = state["tracks"].get(track, {}).get("sequence", 0)
+    return saved
+
+
+def _advance_fragments(out: dict[str, Any], newest: str, seen: set[str]) -> None:
+    completed = seen - {newest}
+    for earlier in (out["fragment_number"], out["last_completed_fragment"]):
+        if earlier is not None and earlier != newest:
+            completed.add(earlier)  # a saved part-way fragment is complete once a later one is
+    out["fragments"] += len(seen - {out["fragment_number"]})
+    if out["fragment_number"] != newest:
+        for track in out["tracks"].values():
+            track["fragment_bytes"] = 0  # nothing of the newest fragment was taken yet
+    out["fragment_number"] = newest
+    out["last_completed_fragment"] = max(completed, key=_fragment_key) if completed else None
+    out["continuation_token"] = None  # older than what is now published: read by number
+
+
+def _advance_track(
+    out: dict[str, Any], saved: dict[str, Any], run: list[AudioChunkCaptured], newest: str
+) -> None:
+    for chunk in run:
+        if chunk.fragment_number == newest:
+            saved["fragment_bytes"] += len(chunk.pcm)
+        if chunk.sequence == 0 and out["call_start_time_ms"] is None:
+            out["call_start_time_ms"] = chunk.start_time_ms
+    if not run:
+        return
+    last = run[-1]
+    saved["sequence"] = last.sequence + 1
+    saved["sample_offset"] = last.end_sample
+    saved["next_time_ms"] = last.start_time_ms + len(last.pcm) // BYTES_PER_MS
+    saved["gap_ms"] = 0
+    saved["gap_total_ms"] = last.gap_total_ms
+
+
+def _empty_state(contact_id: str) -> dict[str, Any]:
+    return CallIngest(contact_id).export()
+
+
+def _empty_track() -> dict[str, Any]:
+    return {
+        "sequence": 0,
+        "sample_offset": 0,
+        "next_time_ms": None,
+        "gap_ms": 0,
+        "gap_total_ms": 0,
+        "fragment_bytes": 0,
+    }
+
+
+def _copy(state: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    out["tracks"] = {name: dict(track) for name, track in state["tracks"].items()}
+    return out
+
+
+def _fragment_key(number: str) -> tuple[int, str]:
+    try:
+        return int(number), number
+    except ValueError:
+        return -1, number
 
 
 def _not_after(fragment: str, last: str | None) -> bool:
