@@ -168,8 +168,10 @@ def test_task_roles_grant_only_what_each_service_calls(template: dict[str, Any])
         "kinesis:PutRecords",
     }
     read = {"kinesis:ListShards", "kinesis:GetShardIterator", "kinesis:GetRecords"}
+    progress = {"dynamodb:GetItem", "dynamodb:DeleteItem"}  # + Describe/Put/Update, as leases
     expected = {
         "IngestTaskRole": read
+        | progress
         | {
             "kinesisvideo:GetDataEndpoint",
             "kinesisvideo:GetMedia",
@@ -177,7 +179,7 @@ def test_task_roles_grant_only_what_each_service_calls(template: dict[str, Any])
             "kinesisvideo:ListFragments",
             "kms:Decrypt",
         },
-        "TranscriberTaskRole": read | {"transcribe:StartStreamTranscription"},
+        "TranscriberTaskRole": read | progress | {"transcribe:StartStreamTranscription"},
         "RecorderTaskRole": read | {"s3:PutObject", "s3:AbortMultipartUpload"},
         "PersisterTaskRole": read,
         "SentimentTaskRole": read | {"comprehend:DetectSentiment"},
