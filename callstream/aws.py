@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
+from botocore.exceptions import ClientError
 
 _RETRIES = Config(
     retries={"mode": "adaptive", "max_attempts": 8},
@@ -58,10 +59,11 @@ def ensure_table(
     CreateTable permission; tolerates another instance creating it meanwhile.
     """
     try:
-        dynamodb.describe_table(TableName=name)
-        return
+        status = dynamodb.describe_table(TableName=name)["Table"]["TableStatus"]
     except dynamodb.exceptions.ResourceNotFoundException:
-        pass
+        status = None
+    if status == "ACTIVE":
+        return
     keys = [(hash_key, "HASH")] + ([(range_key, "RANGE")] if range_key else [])
     # another instance may create it first
     with contextlib.suppress(dynamodb.exceptions.ResourceInUseException):
@@ -71,9 +73,15 @@ def ensure_table(
             AttributeDefinitions=[{"AttributeName": k[0], "AttributeType": k[1]} for k, _ in keys],
             BillingMode="PAY_PER_REQUEST",
         )
-    dynamodb.get_waiter("table_exists").wait(TableName=name)
+    dynamodb.get_waiter("table_exists").wait(
+        TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 300}
+    )
     if ttl_attribute:
-        dynamodb.update_time_to_live(
-            TableName=name,
-            TimeToLiveSpecification={"Enabled": True, "AttributeName": ttl_attribute},
-        )
+        try:
+            dynamodb.update_time_to_live(
+                TableName=name,
+                TimeToLiveSpecification={"Enabled": True, "AttributeName": ttl_attribute},
+            )
+        except ClientError as e:  # the instance that won the creation race enabled it first
+            if "already enabled" not in str(e):
+                raise

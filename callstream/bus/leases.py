@@ -21,6 +21,8 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
+from callstream.aws import ensure_table as aws_ensure_table
+
 log = logging.getLogger(__name__)
 
 
@@ -52,24 +54,8 @@ class LeaseTable:
         self.table = table
 
     def ensure_table(self) -> None:
-        """Create the table if absent; many instances starting at once may race to create it.
-
-        The loser of the race gets ResourceInUseException and, like the
-        winner, waits until the table is ACTIVE before using it.
-        """
-        try:
-            self.client.create_table(
-                TableName=self.table,
-                KeySchema=[{"AttributeName": "lease_key", "KeyType": "HASH"}],
-                AttributeDefinitions=[{"AttributeName": "lease_key", "AttributeType": "S"}],
-                BillingMode="PAY_PER_REQUEST",
-            )
-        except ClientError as e:
-            if e.response["Error"]["Code"] != "ResourceInUseException":
-                raise
-        self.client.get_waiter("table_exists").wait(
-            TableName=self.table, WaiterConfig={"Delay": 1, "MaxAttempts": 300}
-        )
+        """Create the table if absent; many instances starting at once may race to create it."""
+        aws_ensure_table(self.client, self.table, ("lease_key", "S"))
 
     def scan(self, prefix: str) -> list[Lease]:
         """All leases of one application and stream."""
