@@ -2,80 +2,183 @@
 
 Thin wiring: settings, clients, a bounded pool of call sessions, the loop.
 A call is settled (its CallStarted may be checkpointed past) once its
-CallEnded is published.
+CallEnded is published. Each call runs under its ownership in the progress
+table (`CALLSTREAM_PROGRESS_TABLE`, see `takeover.py`): a call held by a live
+other instance is retried from `tick` and stays unsettled meanwhile; a call
+whose shard is lost (`forget`) is stopped, saved and released.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
+from callstream import aws
 from callstream import log as logsetup
-from callstream.bus.ports import Record
+from callstream.bus.ports import EventSink, Record
 from callstream.config import IngestSettings
 from callstream.errors import PoisonRecordError
 from callstream.events import CallStarted, Event
-from callstream.service import load_settings, publisher, run_service
+from callstream.progress import DynamoProgress, OwnedProgressStore
+from callstream.service import lease_ms, load_settings, publisher, run_service
 from services.ingest.media import KvsMedia
-from services.ingest.session import CallSession
+from services.ingest.ownership import CallOwnership, Heartbeats
+from services.ingest.published import PublishedEvents
+from services.ingest.session import CallSession, MediaSource
+from services.ingest.takeover import Outcome, Takeover
 
 log = logging.getLogger(__name__)
 
+RETRY_MAX_S = 30.0
+
+
+@dataclass
+class _Call:
+    """One CallStarted this instance is responsible for."""
+
+    event: CallStarted
+    stop: threading.Event = field(default_factory=threading.Event)
+    future: Future[Outcome] | None = None
+    retry_at: float = 0.0
+    attempts: int = 0
+
 
 class IngestHandler:
-    """Starts a session per CallStarted; tracks which calls are done."""
+    """Runs a session per CallStarted under its ownership; tracks which calls are done."""
 
-    def __init__(self, settings: IngestSettings) -> None:
+    def __init__(
+        self,
+        settings: IngestSettings,
+        *,
+        progress: OwnedProgressStore | None = None,
+        lease: int | None = None,
+        media: MediaSource | None = None,
+        audio: EventSink | None = None,
+        published: PublishedEvents | None = None,
+    ) -> None:
         self.settings = settings
-        self.media = KvsMedia(
-            settings.bus.region,
+        bus = settings.bus
+        self.media = media or KvsMedia(
+            bus.region,
             read_timeout_s=min(5.0, settings.idle_timeout_s),
             max_connections=settings.max_concurrent_calls + 8,
         )
-        self.audio = publisher(settings.bus, settings.bus.audio_stream)
+        self.audio = audio or publisher(bus, bus.audio_stream)
+        self.lease_ms = lease or lease_ms()
+        store = progress or DynamoProgress(
+            aws.client("dynamodb", bus.region), bus.progress_table, "ingest"
+        )
+        self.takeover = Takeover(
+            store,
+            bus.worker_id,
+            self.lease_ms,
+            published or PublishedEvents(aws.client("kinesis", bus.region), bus.audio_stream),
+            Heartbeats(self.lease_ms),
+        )
         self.pool = ThreadPoolExecutor(settings.max_concurrent_calls, thread_name_prefix="call")
-        self.sessions: dict[str, Future[object]] = {}
+        self.calls: dict[str, _Call] = {}
+        self._running: set[str] = set()  # contacts with a run in a pool thread
+        self._lock = threading.Lock()
 
     def handle(self, event: Event, record: Record) -> None:
         if not isinstance(event, CallStarted):
             raise PoisonRecordError(
                 f"calls stream carries CallStarted only, got {type(event).__name__}"
             )
-        if event.contact_id in self.sessions:
+        if event.contact_id in self.calls:
             return  # a replay of a call already running here
-        session = CallSession(
-            event,
+        call = _Call(event)
+        self.calls[event.contact_id] = call
+        self._submit(call)
+
+    def is_settled(self, contact_id: str) -> bool:
+        call = self.calls.get(contact_id)
+        future = call.future if call is not None else None
+        return (
+            future is not None
+            and future.done()
+            and future.exception() is None
+            and future.result() is Outcome.ENDED
+        )
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        for contact_id, call in list(self.calls.items()):
+            future = call.future
+            if future is None or not future.done():
+                if future is None and now >= call.retry_at:
+                    self._submit(call)
+                continue
+            error = future.exception()
+            if error is not None:
+                log.error("call session failed: %s", error, extra={"contact_id": contact_id})
+            elif future.result() in (Outcome.ENDED, Outcome.STOPPED):
+                continue
+            # Held elsewhere, taken from us, or failed: claim again later (unsettled meanwhile).
+            call.future = None
+            call.attempts += 1
+            call.retry_at = now + min(RETRY_MAX_S, self.lease_ms / 3000 * call.attempts)
+
+    def forget(self, contact_ids: Iterable[str]) -> None:
+        for contact_id in contact_ids:
+            call = self.calls.pop(contact_id, None)
+            if call is not None:
+                call.stop.set()  # the session saves, releases the call and stops
+
+    def close(self) -> None:
+        """Stop every running call (saved and released) and wait for them."""
+        for call in self.calls.values():
+            call.stop.set()
+        self.pool.shutdown(wait=True)
+        self.takeover.heartbeats.close()
+
+    def _submit(self, call: _Call) -> None:
+        call.future = self.pool.submit(self._run, call)
+
+    def _run(self, call: _Call) -> Outcome:
+        contact_id = call.event.contact_id
+        with self._lock:
+            if contact_id in self._running:  # a stopping run of the same call is still saving
+                return Outcome.WAITING
+            self._running.add(contact_id)
+        try:
+            if call.stop.is_set():
+                return Outcome.STOPPED
+            return self.takeover.run(call.event, lambda state, own: self._session(call, state, own))
+        finally:
+            with self._lock:
+                self._running.discard(contact_id)
+
+    def _session(
+        self, call: _Call, state: dict[str, Any] | None, ownership: CallOwnership
+    ) -> CallSession:
+        return CallSession(
+            call.event,
             self.media,
             self.audio,
             self.settings.chunk_ms,
             idle_timeout_s=self.settings.idle_timeout_s,
             start_selector_type=self.settings.start_selector_type,
+            ownership=ownership,
+            resume=state,
+            stop=call.stop,
         )
-        self.sessions[event.contact_id] = self.pool.submit(session.run)
-
-    def is_settled(self, contact_id: str) -> bool:
-        future = self.sessions.get(contact_id)
-        return future is not None and future.done() and future.exception() is None
-
-    def tick(self) -> None:
-        for contact_id, future in list(self.sessions.items()):
-            if future.done() and future.exception() is not None:
-                log.error(
-                    "call session failed: %s", future.exception(), extra={"contact_id": contact_id}
-                )
-                del self.sessions[contact_id]  # unsettled: the replay after restart retries it
-
-    def forget(self, contact_ids: Iterable[str]) -> None:
-        for contact_id in contact_ids:
-            self.sessions.pop(contact_id, None)
 
 
 def main() -> None:
     """Entry point: `python -m services.ingest.main`."""
     logsetup.configure("ingest")
     settings = load_settings(IngestSettings.from_env)
-    run_service("ingest", settings.bus, settings.bus.calls_stream, IngestHandler(settings))
+    handler = IngestHandler(settings)
+    try:
+        run_service("ingest", settings.bus, settings.bus.calls_stream, handler)
+    finally:
+        handler.close()  # running calls save where they are and release: taken over at once
 
 
 if __name__ == "__main__":

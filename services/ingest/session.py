@@ -15,12 +15,27 @@ a row without progress.
 
 File mode (`stream_arn` is an `s3://` URI): the object is read in pieces and
 published as fast as it decodes, through the same core and events.
+
+Takeover (with a `CallOwnership`): after the chunks of each completed
+fragment are published, the core's export is saved as the call's progress
+(one conditional DynamoDB write per fragment); CallStarted is followed by a
+save, CallEnded by a last one, then the call is released. A session made
+with `resume` (a saved or advanced export) does not publish CallStarted
+again and reads on after the last completed fragment (CONTINUATION_TOKEN
+with the saved token, else FRAGMENT_NUMBER); a fragment it had published
+part of is read again and the published bytes skipped. The `stop` event
+(the calls shard was lost) is checked in the read loop after each publish:
+the session saves where it is, releases the call and raises `SessionStopped`.
+A save refused because another instance owns the call raises
+`OwnershipLost` at once, with nothing more published. File mode resumes
+only `started`/`ended`: a file call taken over is read again from its start.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, Protocol
@@ -28,13 +43,19 @@ from typing import Any, Protocol
 from callstream.bus.ports import EventSink
 from callstream.errors import MediaStreamError, RetryableError
 from callstream.events import CallEnded, CallStarted, EndReason, Event, Track
-from callstream.mkv.events import StreamError
+from callstream.mkv.events import ClusterEnded, StreamError
 from callstream.mkv.reader import MkvStreamReader
 from services.ingest.core import CallIngest
 from services.ingest.media import EndpointExpired, ReadStalled, iter_s3_object
+from services.ingest.ownership import CallOwnership
 from services.ingest.pcmfile import PcmFileReader
 
 log = logging.getLogger(__name__)
+
+
+class SessionStopped(Exception):
+    """The session was told to stop (its calls shard was lost); progress saved, call released."""
+
 
 _FILE_TRACKS = (Track.FROM_CUSTOMER, Track.TO_CUSTOMER)
 
@@ -74,11 +95,23 @@ class CallSession:
         retry_delay_s: float = 0.2,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        ownership: CallOwnership | None = None,
+        resume: dict[str, Any] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.call = call
         self.media = media
         self.audio = audio
-        self.core = CallIngest(call.contact_id, chunk_ms)
+        self.file_mode = call.stream_arn.startswith("s3://")
+        self.ownership = ownership
+        self.stop = stop or threading.Event()
+        self.started = bool(resume and resume.get("started"))
+        self.resumed = resume is not None and not self.file_mode
+        if resume is not None and self.resumed:
+            self.core = CallIngest.restore(resume, chunk_ms)
+        else:
+            self.core = CallIngest(call.contact_id, chunk_ms)
+        self.prior_reconnects = int(resume.get("reconnects", 0)) if self.resumed and resume else 0
         self.clock = clock
         self.idle_timeout_s = idle_timeout_s
         # START_SELECTOR_TYPE=NOW (as the reference): ignore the start fragment, read from now.
@@ -96,33 +129,73 @@ class CallSession:
 
     @property
     def reconnects(self) -> int:
-        """GetMedia connections opened after the first."""
-        return max(0, self.connections - 1)
+        """GetMedia connections opened after the first (a resumed call's are all re-opened)."""
+        opened = self.connections if self.resumed else max(0, self.connections - 1)
+        return self.prior_reconnects + opened
 
     def run(self) -> CallEnded:
-        """Publish CallStarted, the call's chunks, then CallEnded; return the latter."""
-        self.audio.publish([self.call])
+        """Publish CallStarted (unless resumed), the chunks, then CallEnded; return the latter.
+
+        Raises SessionStopped when `stop` is set, OwnershipLost when the call was taken.
+        """
+        if not self.started:
+            self._publish([self.call])
+            self.started = True
+            self._save()
         try:
-            if self.call.stream_arn.startswith("s3://"):
+            if self.file_mode:
                 reason, detail = self._read_file()
             else:
                 reason, detail = self._read_stream()
         except MediaStreamError as e:
             log.error("cannot read media: %s", e, extra=self.extra)
             reason, detail = EndReason.ERROR, str(e)
+        except SessionStopped:
+            self._save()
+            if self.ownership is not None:
+                self.ownership.release()
+            log.info("stopped; progress saved, call released", extra=self.extra)
+            raise
         finally:
             self.media.release(self.call.stream_arn)
         now_ms = int(self.clock() * 1000)
-        self.audio.publish(self.core.finish(reason, detail, now_ms, self.reconnects))
+        self._publish(self.core.finish(reason, detail, now_ms, self.reconnects))
+        self._save()
+        if self.ownership is not None:
+            self.ownership.release()
         ended = self.core.ended
         assert ended is not None
         log.info("call ended: %s (%s)", ended.reason.value, ended.detail, extra=self.extra)
         return ended
 
+    # --- progress -------------------------------------------------------------
+    def progress(self) -> dict[str, Any]:
+        """What is published of the call, as saved (the core's export and the session's counts)."""
+        state = self.core.export()
+        state["started"] = self.started
+        state["reconnects"] = self.reconnects
+        return state
+
+    def _save(self) -> None:
+        if self.ownership is not None:
+            self.ownership.save(self.progress())
+
+    def _publish(self, events: list[Event]) -> None:
+        if not events:
+            return
+        if self.ownership is not None:
+            self.ownership.confirm()  # never publish once the call may be another's
+        self.audio.publish(events)
+
+    def _check_stop(self) -> None:
+        """Between publishes only: everything the core emitted is then on the stream."""
+        if self.stop.is_set():
+            raise SessionStopped(f"call {self.call.contact_id} stopped")
+
     # --- KVS --------------------------------------------------------------------
     def _read_stream(self) -> tuple[EndReason, str]:
         start = self.start_fragment
-        if start is not None:
+        if start is not None and self.core.last_completed_fragment is None:
             try:
                 self._consume(self.media.get_fragments(self.call.stream_arn, [start]))
             except (MediaStreamError, RetryableError) as e:
@@ -134,6 +207,7 @@ class CallSession:
         self._last_fragment_at = self.monotonic()
         failures = 0
         while not self.core.wants_end:
+            self._check_stop()
             seen = self.core.fragments_seen
             try:
                 if self._consume(self.media.get_media(self.call.stream_arn, self._selector())):
@@ -155,7 +229,7 @@ class CallSession:
     def _selector(self) -> dict[str, Any]:
         token, start = self.core.continuation_token, self.start_fragment
         self.connections += 1
-        if self.connections > 1 and token is not None:
+        if (self.connections > 1 or self.resumed) and token is not None:
             return {"StartSelectorType": "CONTINUATION_TOKEN", "ContinuationToken": token}
         after = self.core.last_completed_fragment or start
         if after is None:
@@ -177,6 +251,7 @@ class CallSession:
         try:
             for data in body:
                 self._publish_events(reader.feed(data))
+                self._check_stop()
                 if self.core.wants_end:
                     return True
                 if self._leave_early(token):
@@ -204,11 +279,20 @@ class CallSession:
     def _publish_events(self, mkv_events: list[Any]) -> None:
         out: list[Event] = []
         for event in mkv_events:
+            done = self.core.last_completed_fragment
             out.extend(self.core.accept(event))
+            if isinstance(event, ClusterEnded) and self.core.last_completed_fragment != done:
+                # A fragment is complete: publish its chunks, then save (the core is simple here).
+                self._publish_chunks(out)
+                out = []
+                self._save()
             if self.core.wants_end:
                 break
+        self._publish_chunks(out)
+
+    def _publish_chunks(self, out: list[Event]) -> None:
         if out:
-            self.audio.publish(out)
+            self._publish(out)
             # Audio arrived, and a publish held up by throttling is not silence.
             self._last_fragment_at = self.monotonic()
 
@@ -219,6 +303,7 @@ class CallSession:
         pieces: Iterable[bytes] = iter_s3_object(self.media.region, self.call.stream_arn)
         for data in pieces:
             samples = self._publish_pcm(reader.feed(data), samples)
+            self._check_stop()
         self._publish_pcm(reader.close(), samples)
         if reader.channels is None:
             return EndReason.NO_AUDIO_TRACK, "the input file is empty"
@@ -231,6 +316,5 @@ class CallSession:
         for track, pcm in zip(_FILE_TRACKS, channels, strict=False):
             if pcm:
                 out.extend(self.core.accept_pcm(track, pcm, time_ms))
-        if out:
-            self.audio.publish(out)
+        self._publish(out)
         return samples + (len(channels[0]) // 2 if channels else 0)

@@ -1,0 +1,175 @@
+"""This instance's hold on the calls it ingests: claim, save, heartbeat, release.
+
+One `CallOwnership` per running call binds the progress store to the call
+and this worker. Every save carries the next version and is conditional on
+still owning the call; a save or heartbeat that finds the call taken marks
+the ownership lost, and the session stops at once. `Heartbeats` renews every
+held call on its own thread every lease/3, so a call whose session is blocked
+(a long read, a throttled publish) is never taken from a live instance.
+
+Before each publish the session calls `confirm()`: if no ownership write has
+succeeded for two thirds of the lease (DynamoDB unreachable, the process
+frozen), it renews first, and stops if it cannot. A new owner only claims a
+call whose heartbeat is a whole lease old, so a publish never starts after
+another instance may have taken the call (clocks in sync, as for leases).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from callstream.errors import RetryableError
+from callstream.progress import Claim, OwnedProgressStore
+
+log = logging.getLogger(__name__)
+
+
+class OwnershipLost(Exception):
+    """The call is no longer ours (or ownership cannot be confirmed): stop at once."""
+
+
+class CallOwnership:
+    """One call held by this worker in the progress table."""
+
+    def __init__(
+        self,
+        store: OwnedProgressStore,
+        contact_id: str,
+        worker_id: str,
+        lease_ms: int,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.contact_id = contact_id
+        self.worker_id = worker_id
+        self.lease_s = lease_ms / 1000
+        self.monotonic = monotonic
+        self.version = 0
+        self.writes = 0
+        self.lost = False
+        self._confirmed_at = -1e18
+        self._lock = threading.Lock()
+        self.extra = {"contact_id": contact_id}
+
+    def claim(self) -> Claim:
+        """Try to take the call; on success the next save follows the stored version."""
+        began = self.monotonic()
+        claim = self.store.claim(self.contact_id, self.worker_id, int(self.lease_s * 1000))
+        if claim.granted:
+            self.version = claim.version
+            self._confirmed(began)
+        return claim
+
+    def save(self, state: dict[str, Any]) -> None:
+        """Store `state` as the next version; raises OwnershipLost if the call was taken."""
+        with self._lock:
+            if self.lost:
+                raise OwnershipLost(f"call {self.contact_id} is no longer ours")
+            began = self.monotonic()
+            try:
+                stored = self.store.save_owned(
+                    self.contact_id, self.worker_id, state, self.version + 1
+                )
+            except RetryableError as e:  # the next save or heartbeat tries again
+                log.warning("progress not saved: %s", e, extra=self.extra)
+                return
+            if not stored:
+                self._lose("save refused")
+            self.version += 1
+            self._confirmed(began)
+
+    def heartbeat(self) -> bool:
+        """Renew ownership; False once it is lost (a failed request just waits for the next)."""
+        with self._lock:
+            if self.lost:
+                return False
+            began = self.monotonic()
+            try:
+                if not self.store.heartbeat(self.contact_id, self.worker_id):
+                    self._lose("heartbeat refused", raise_=False)
+                    return False
+            except RetryableError as e:
+                log.warning("ownership heartbeat failed: %s", e, extra=self.extra)
+                return True
+            self._confirmed(began)
+            return True
+
+    def due(self) -> bool:
+        """No ownership write has succeeded for a third of the lease."""
+        return self.monotonic() - self._confirmed_at >= self.lease_s / 3
+
+    def confirm(self) -> None:
+        """Before a publish: make sure the call is still ours, or raise OwnershipLost."""
+        if self.lost:
+            raise OwnershipLost(f"call {self.contact_id} is no longer ours")
+        if self.monotonic() - self._confirmed_at < self.lease_s * 2 / 3:
+            return
+        self.heartbeat()
+        if self.lost or self.monotonic() - self._confirmed_at >= self.lease_s * 2 / 3:
+            raise OwnershipLost(f"ownership of {self.contact_id} not confirmed for 2/3 of a lease")
+
+    def release(self) -> None:
+        """Give the call up after its last save (a failure leaves it to expire)."""
+        with self._lock:
+            if self.lost:
+                return
+            try:
+                self.store.release(self.contact_id, self.worker_id)
+                self.writes += 1
+            except RetryableError as e:
+                log.warning("ownership not released (it expires): %s", e, extra=self.extra)
+            self.lost = True  # nothing more is done under it
+
+    def _confirmed(self, began: float) -> None:
+        self.writes += 1
+        self._confirmed_at = began  # the lease counts from before the write
+
+    def _lose(self, why: str, raise_: bool = True) -> None:
+        self.lost = True
+        log.error("call taken by another instance (%s); stopping", why, extra=self.extra)
+        if raise_:
+            raise OwnershipLost(f"call {self.contact_id}: {why}")
+
+
+class Heartbeats:
+    """Renews every held call on one daemon thread, each at least every lease/3."""
+
+    def __init__(self, lease_ms: int) -> None:
+        self.period_s = lease_ms / 6000
+        self._held: dict[str, CallOwnership] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, ownership: CallOwnership) -> None:
+        with self._lock:
+            self._held[ownership.contact_id] = ownership
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="ingest-heartbeats", daemon=True
+                )
+                self._thread.start()
+
+    def remove(self, ownership: CallOwnership) -> None:
+        with self._lock:
+            if self._held.get(ownership.contact_id) is ownership:
+                del self._held[ownership.contact_id]
+
+    def beat(self) -> None:
+        """One round: renew the calls that are due."""
+        with self._lock:
+            held = list(self._held.values())
+        for ownership in held:
+            if ownership.due() and not ownership.heartbeat():
+                self.remove(ownership)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.beat()
