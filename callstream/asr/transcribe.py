@@ -13,6 +13,11 @@ raised from `poll()` / `close()` once the stream has failed. Resending audio
 after a `RetryableSpeechError` is the caller's job; `sent_ms` says how much
 audio this stream handed to Transcribe.
 
+`open_stream(..., channels=2)` opens one stream of interleaved 2-channel PCM
+with channel identification; its results carry the channel's index
+(`poll_channels`, `take_results`). `callstream.asr.stereo` builds the
+one-stream-per-call engine on it.
+
 A custom `endpoint_url` must be https://: the SDK negotiates HTTP/2 only through
 TLS ALPN. awscrt reads `SSL_CERT_FILE` when the client's TLS context is created,
 which happens in `TranscribeEngine.__init__`: to trust a private CA (the local
@@ -98,8 +103,10 @@ class StreamSettings:
                 "pii_entity_types needs content_redaction_type or content_identification_type"
             )
 
-    def request_args(self, language: str) -> dict[str, Any]:
+    def request_args(self, language: str, channels: int = 1) -> dict[str, Any]:
         """Keyword arguments for `TranscribeStreamingClient.start_stream_transcription`."""
+        if channels not in (1, 2):
+            raise ValueError(f"Transcribe streams carry 1 or 2 channels, got {channels}")
         return {
             "language_code": language,
             "media_sample_rate_hz": SAMPLE_RATE,
@@ -114,6 +121,8 @@ class StreamSettings:
             "pii_entity_types": list(self.pii_entity_types) or None,
             "content_redaction_type": self.content_redaction_type,
             "content_identification_type": self.content_identification_type,
+            "enable_channel_identification": True if channels == 2 else None,
+            "number_of_channels": 2 if channels == 2 else None,
         }
 
 
@@ -127,22 +136,36 @@ def _check_choice(name: str, value: str | None, allowed: set[str]) -> None:
 
 def hypotheses_from(event: TranscriptEvent) -> list[Hypothesis]:
     """The results of one TranscriptEvent: first alternative, words without punctuation."""
+    return [hypothesis for _, hypothesis in channel_hypotheses_from(event)]
+
+
+def channel_hypotheses_from(event: TranscriptEvent) -> list[tuple[int, Hypothesis]]:
+    """`hypotheses_from`, each with its channel's index ("ch_1" is 1; none is 0)."""
     hypotheses = []
     for result in event.transcript.results:
         if not result.alternatives:
             continue
         alternative = result.alternatives[0]
-        hypotheses.append(
-            Hypothesis(
-                result_id=result.result_id or "",
-                start_ms=_ms(result.start_time),
-                end_ms=_ms(result.end_time),
-                text=alternative.transcript or "",
-                is_partial=bool(result.is_partial),
-                words=_words(alternative.items or ()),
-            )
+        hypothesis = Hypothesis(
+            result_id=result.result_id or "",
+            start_ms=_ms(result.start_time),
+            end_ms=_ms(result.end_time),
+            text=alternative.transcript or "",
+            is_partial=bool(result.is_partial),
+            words=_words(alternative.items or ()),
         )
+        hypotheses.append((_channel_index(result.channel_id), hypothesis))
     return hypotheses
+
+
+def _channel_index(channel_id: str | None) -> int:
+    if not channel_id:
+        return 0
+    try:
+        return int(channel_id.removeprefix("ch_"))
+    except ValueError:
+        message = f"Amazon Transcribe sent a ChannelId {channel_id!r}; expected ch_0, ch_1"
+        raise FatalSpeechError(message) from None
 
 
 def _words(items: Iterable[Item]) -> tuple[Word, ...]:
@@ -231,6 +254,7 @@ class _StreamContext:
     language: str
     open_timeout_s: float
     close_timeout_s: float
+    channels: int = 1
 
     def log_extra(self) -> dict[str, str]:
         return {"contact_id": self.contact_id, "track": self.track}
@@ -240,7 +264,9 @@ class TranscribeStream:
     """One track's Amazon Transcribe session, driven from synchronous code.
 
     Thread-safe between one producer (`send`) and one consumer (`poll`,
-    `close`), which may be different threads.
+    `close`), which may be different threads. A 2-channel stream takes
+    interleaved frames; `poll_channels()` / `take_results()` say which
+    channel each result is for.
     """
 
     def __init__(
@@ -255,7 +281,9 @@ class TranscribeStream:
         self._loop = loop
         self._context = context
         self._audio: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._results: queue.SimpleQueue[Hypothesis] = queue.SimpleQueue()
+        self._results: queue.SimpleQueue[tuple[int, Hypothesis]] = queue.SimpleQueue()
+        self._frame_bytes = BYTES_PER_SAMPLE * context.channels
+        self._max_event_bytes = _MAX_EVENT_BYTES - _MAX_EVENT_BYTES % self._frame_bytes
         self._finished = threading.Event()
         self._failure: SpeechEngineError | None = None
         self._carry = b""
@@ -269,39 +297,74 @@ class TranscribeStream:
     @property
     def sent_ms(self) -> int:
         """Milliseconds of audio handed to Transcribe so far (from the stream's start)."""
-        return self._sent_bytes // _BYTES_PER_MS
+        return self._sent_bytes // (_BYTES_PER_MS * self._context.channels)
 
     @property
     def session_id(self) -> str | None:
         """Transcribe's session id, once the service has accepted the stream."""
         return self._session_id
 
+    @property
+    def failure(self) -> SpeechEngineError | None:
+        """Why the stream failed, once it has; None while it runs or after a clean end."""
+        return self._failure
+
+    @property
+    def finished(self) -> bool:
+        """The stream is over: all results are in, or it failed."""
+        return self._finished.is_set()
+
     def send(self, pcm: bytes) -> None:
-        """Queue 8 kHz s16le mono PCM; silently dropped once the stream has failed."""
+        """Queue 8 kHz s16le PCM (frames of interleaved channels); dropped once failed."""
         if self._closing:
             raise RuntimeError("send() after close() on a Transcribe stream")
         if self._finished.is_set():
             return
-        # Keep events sample-aligned even if a caller splits a sample across sends.
+        # Keep events frame-aligned even if a caller splits a frame across sends.
         data = self._carry + pcm
-        cut = len(data) - len(data) % BYTES_PER_SAMPLE
+        cut = len(data) - len(data) % self._frame_bytes
         self._carry = data[cut:]
         if cut:
             self._loop.call_soon_threadsafe(self._audio.put_nowait, data[:cut])
 
     def poll(self) -> list[Hypothesis]:
         """Hypotheses received so far; raises the stream's error once they are handed out."""
-        hypotheses = self._drain()
+        return [hypothesis for _, hypothesis in self.poll_channels()]
+
+    def poll_channels(self) -> list[tuple[int, Hypothesis]]:
+        """`poll()`, each hypothesis with its channel's index."""
+        hypotheses = self.take_results()
         if not hypotheses and self._failure is not None:
             raise self._failure
         return hypotheses
 
+    def take_results(self) -> list[tuple[int, Hypothesis]]:
+        """(channel, hypothesis) received so far; never raises (see `failure`)."""
+        hypotheses = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                hypotheses.append(self._results.get_nowait())
+        return hypotheses
+
     def close(self) -> list[Hypothesis]:
         """End the audio, wait for the last results (bounded) and return what is left."""
+        self.end_audio()
+        self.wait_finished()
+        hypotheses = [hypothesis for _, hypothesis in self.take_results()]
+        if self._failure is not None:
+            error = self._failure
+            raise type(error)(str(error), code=error.code, hypotheses=tuple(hypotheses)) from error
+        return hypotheses
+
+    def end_audio(self) -> None:
+        """No more audio: Transcribe finishes its last results. Does not wait."""
         if not self._closing:
             self._closing = True
             if not self._finished.is_set():
                 self._loop.call_soon_threadsafe(self._audio.put_nowait, None)
+
+    def wait_finished(self) -> None:
+        """Wait, up to the close timeout, for the stream to end; then it has failed."""
         if not self._finished.wait(self._context.close_timeout_s):
             self._task.cancel()
             self._finished.wait(1.0)
@@ -309,18 +372,6 @@ class TranscribeStream:
                 f"Amazon Transcribe sent no end of results within "
                 f"{self._context.close_timeout_s:.1f} s of the end of audio"
             )
-        hypotheses = self._drain()
-        if self._failure is not None:
-            error = self._failure
-            raise type(error)(str(error), code=error.code, hypotheses=tuple(hypotheses)) from error
-        return hypotheses
-
-    def _drain(self) -> list[Hypothesis]:
-        hypotheses = []
-        with contextlib.suppress(queue.Empty):
-            while True:
-                hypotheses.append(self._results.get_nowait())
-        return hypotheses
 
     # The methods below run on the engine's event loop.
 
@@ -344,7 +395,7 @@ class TranscribeStream:
             self._finished.set()
 
     async def _start(self) -> StartStreamTranscriptionEventStream:
-        args = self._settings.request_args(self._context.language)
+        args = self._settings.request_args(self._context.language, self._context.channels)
         timeout_s = self._context.open_timeout_s
         try:
             async with asyncio.timeout(timeout_s):
@@ -377,8 +428,8 @@ class TranscribeStream:
     async def _write_audio(self, audio_stream: AudioStream) -> None:
         while True:
             pcm, more = await self._next_audio()
-            for start in range(0, len(pcm), _MAX_EVENT_BYTES):
-                chunk = pcm[start : start + _MAX_EVENT_BYTES]
+            for start in range(0, len(pcm), self._max_event_bytes):
+                chunk = pcm[start : start + self._max_event_bytes]
                 await audio_stream.send_audio_event(audio_chunk=chunk)
                 self._sent_bytes += len(chunk)
             if not more:
@@ -396,8 +447,8 @@ class TranscribeStream:
     async def _read_results(self, output_stream: TranscriptResultStream) -> None:
         async for event in output_stream:
             if isinstance(event, TranscriptEvent):
-                for hypothesis in hypotheses_from(event):
-                    self._results.put(hypothesis)
+                for tagged in channel_hypotheses_from(event):
+                    self._results.put(tagged)
 
     async def _end_audio_quietly(self, audio_stream: AudioStream) -> None:
         # Ending the request body lets the HTTP/2 stream finish after a failure too.
@@ -501,10 +552,15 @@ class TranscribeEngine:
         self._client = TranscribeStreamingClient(region=region, endpoint_resolver=resolver)
         self._loop_thread = _LoopThread("transcribe-engine")
 
-    def open_stream(self, *, contact_id: str, track: str, language: str) -> TranscribeStream:
-        """Start a Transcribe session for one track; failures surface from poll()/close()."""
+    def open_stream(
+        self, *, contact_id: str, track: str, language: str, channels: int = 1
+    ) -> TranscribeStream:
+        """Start a Transcribe session for one track (or, with `channels=2`, a stereo
+        stream with channel identification); failures surface from poll()/close()."""
+        if channels not in (1, 2):
+            raise ValueError(f"Transcribe streams carry 1 or 2 channels, got {channels}")
         context = _StreamContext(
-            contact_id, track, language or self._default_language, *self._timeouts
+            contact_id, track, language or self._default_language, *self._timeouts, channels
         )
         return TranscribeStream(self._client, self._settings, self._loop_thread.loop(), context)
 

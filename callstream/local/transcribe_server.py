@@ -14,7 +14,11 @@ to run against it without AWS:
 - a stream refused at start gets an HTTP error status, `x-amzn-errortype` and a
   JSON `{"Message": ...}` body;
 - a stream that receives no audio for `idle_timeout_s` (15 s, as the service
-  does) fails with the service's `BadRequestException`.
+  does) fails with the service's `BadRequestException`;
+- channel identification (`enable-channel-identification`, `number-of-channels`
+  2): the interleaved frames are split, each channel is recognised by its own
+  engine stream, and every result carries its `ChannelId` ("ch_0", "ch_1"),
+  with an id unique across the channels.
 
 Faults (`Fault`) are injected per stream, in the order streams open: fail with a
 service exception at start or after N audio events, or drop the TCP connection.
@@ -51,13 +55,21 @@ from typing import Any, NamedTuple, cast
 
 import hypercorn.asyncio
 import hypercorn.config
+import numpy as np
 from amazon_transcribe.eventstream import (
     EventStreamBuffer,
     EventStreamMessageSerializer,
     ParserError,
 )
 
-from callstream.asr.base import SAMPLE_RATE, Hypothesis, RecognitionStream, SpeechEngine, Word
+from callstream.asr.base import (
+    BYTES_PER_SAMPLE,
+    SAMPLE_RATE,
+    Hypothesis,
+    RecognitionStream,
+    SpeechEngine,
+    Word,
+)
 from callstream.asr.errors import FatalSpeechError, RetryableSpeechError
 from callstream.local.tls import TlsFiles, make_local_tls
 
@@ -137,6 +149,7 @@ class StreamRecord:
     audio_bytes: int = 0
     ended_by_client: bool = False
     fault: Fault | None = None
+    channels: int = 1
 
 
 class _ServiceError(Exception):
@@ -179,13 +192,16 @@ def _encode(headers: dict[str, Any], body: Mapping[str, Any]) -> bytes:
     return EventStreamMessageSerializer().serialize(headers, payload)
 
 
-def _transcript_event(hypothesis: Hypothesis) -> bytes:
+def _transcript_event(hypothesis: Hypothesis, channel_id: str | None) -> bytes:
     headers = {
         ":message-type": "event",
         ":event-type": "TranscriptEvent",
         ":content-type": "application/json",
     }
-    return _encode(headers, {"Transcript": {"Results": [_result_json(hypothesis)]}})
+    result = _result_json(hypothesis)
+    if channel_id is not None:
+        result["ChannelId"] = channel_id
+    return _encode(headers, {"Transcript": {"Results": [result]}})
 
 
 def _exception_event(name: str, message: str) -> bytes:
@@ -243,6 +259,7 @@ class _StartParams:
     sample_rate: int
     session_id: str
     echoed: tuple[tuple[str, str], ...]
+    channels: int = 1
 
 
 def _start_params(scope: Scope) -> _StartParams:
@@ -263,10 +280,33 @@ def _start_params(scope: Scope) -> _StartParams:
     encoding = headers.get(_PARAM_PREFIX + "media-encoding", "")
     if encoding != "pcm":
         raise _ServiceError("BadRequestException", f"media encoding must be pcm, got {encoding!r}")
+    channels = _channels(headers)
     session_id = headers.get(_PARAM_PREFIX + "session-id") or str(uuid.uuid4())
     echoed = {k: v for k, v in headers.items() if k.startswith(_PARAM_PREFIX)}
     echoed[_PARAM_PREFIX + "session-id"] = session_id
-    return _StartParams(language, SAMPLE_RATE, session_id, tuple(echoed.items()))
+    return _StartParams(language, SAMPLE_RATE, session_id, tuple(echoed.items()), channels)
+
+
+def _channels(headers: Mapping[str, str]) -> int:
+    """1, or 2 with channel identification; the service's own rules otherwise."""
+    identify = headers.get(_PARAM_PREFIX + "enable-channel-identification", "false")
+    count = headers.get(_PARAM_PREFIX + "number-of-channels")
+    if identify.lower() != "true":
+        if count is not None:
+            raise _ServiceError(
+                "BadRequestException", "NumberOfChannels needs EnableChannelIdentification"
+            )
+        return 1
+    if count != "2":
+        raise _ServiceError(
+            "BadRequestException",
+            f"channel identification needs NumberOfChannels 2, got {count!r}",
+        )
+    if headers.get(_PARAM_PREFIX + "show-speaker-label", "false").lower() == "true":
+        raise _ServiceError(
+            "BadRequestException", "set ShowSpeakerLabel or EnableChannelIdentification, not both"
+        )
+    return 2
 
 
 # --- TCP relay (for dropped connections) ------------------------------------------
@@ -390,12 +430,63 @@ class _RequestBody:
             await asyncio.wait_for(self.finished.wait(), timeout_s)
 
 
+class _Channels:
+    """One engine stream per channel of a request: splits interleaved frames, tags results.
+
+    A mono request's results carry no ChannelId. Calls are synchronous: the
+    session runs them on a worker thread.
+    """
+
+    def __init__(self, streams: list[RecognitionStream]) -> None:
+        self._streams = streams
+        self._frame = BYTES_PER_SAMPLE * len(streams)
+        self._carry = b""
+
+    @property
+    def identified(self) -> bool:
+        return len(self._streams) > 1
+
+    def send(self, pcm: bytes) -> None:
+        if not self.identified:
+            self._streams[0].send(pcm)
+            return
+        data = self._carry + pcm
+        cut = len(data) - len(data) % self._frame
+        self._carry = data[cut:]
+        frames = np.frombuffer(data[:cut], dtype="<i2").reshape(-1, len(self._streams))
+        for index, stream in enumerate(self._streams):
+            stream.send(frames[:, index].tobytes())
+
+    def poll(self) -> list[tuple[str | None, Hypothesis]]:
+        return self._tag([stream.poll() for stream in self._streams])
+
+    def close(self) -> list[tuple[str | None, Hypothesis]]:
+        return self._tag([stream.close() for stream in self._streams])
+
+    def close_quietly(self) -> None:
+        for stream in self._streams:
+            _close_quietly(stream)
+
+    def _tag(self, per_channel: list[list[Hypothesis]]) -> list[tuple[str | None, Hypothesis]]:
+        if not self.identified:
+            return [(None, hypothesis) for hypothesis in per_channel[0]]
+        tagged: list[tuple[str | None, Hypothesis]] = []
+        for index, hypotheses in enumerate(per_channel):
+            channel = f"ch_{index}"
+            # Result ids are unique across channels, as the service's are.
+            tagged.extend(
+                (channel, dataclasses.replace(h, result_id=f"{channel}-{h.result_id}"))
+                for h in hypotheses
+            )
+        return tagged
+
+
 class _StreamSession:
-    """Feeds one request's audio to an engine stream and sends back what it recognises."""
+    """Feeds one request's audio to its engine stream(s) and sends back what they recognise."""
 
     def __init__(
         self,
-        stream: RecognitionStream,
+        stream: _Channels,
         body: _RequestBody,
         send: Send,
         fault: Fault | None,
@@ -418,7 +509,7 @@ class _StreamSession:
             await self._send_body(_exception_event(error.name, error.message), more=True)
             await self._body.drain(self._timing.drain_timeout_s)
             await self._send_body(b"", more=False)
-            await asyncio.to_thread(_close_quietly, self._stream)
+            await asyncio.to_thread(self._stream.close_quietly)
             return
         finally:
             if self._getter is not None:
@@ -426,7 +517,7 @@ class _StreamSession:
         if flushed:
             await self._send_body(b"", more=False)
         else:
-            await asyncio.to_thread(_close_quietly, self._stream)
+            await asyncio.to_thread(self._stream.close_quietly)
 
     async def _transcribe(self) -> bool:
         """Run until the client's audio is flushed (True) or the stream is abandoned (False)."""
@@ -480,9 +571,10 @@ class _StreamSession:
         except Exception as error:
             raise _service_error_for(error) from error
 
-    async def _emit(self, hypotheses: list[Hypothesis]) -> None:
+    async def _emit(self, hypotheses: list[tuple[str | None, Hypothesis]]) -> None:
         if hypotheses:
-            await self._send_body(b"".join(_transcript_event(h) for h in hypotheses), more=True)
+            events = b"".join(_transcript_event(h, channel) for channel, h in hypotheses)
+            await self._send_body(events, more=True)
 
     async def _send_body(self, data: bytes, *, more: bool) -> None:
         await self._send({"type": "http.response.body", "body": data, "more_body": more})
@@ -564,7 +656,11 @@ class _TranscribeApp:
             return
         fault = self._ledger.take_fault()
         body.record = StreamRecord(
-            params.session_id, params.language_code, params.sample_rate, fault=fault
+            params.session_id,
+            params.language_code,
+            params.sample_rate,
+            fault=fault,
+            channels=params.channels,
         )
         self._ledger.add_record(body.record)
         client_port = scope["client"][1]
@@ -575,18 +671,30 @@ class _TranscribeApp:
                 await self._refuse(send, body, _ServiceError(str(fault.exception), fault.message))
             return
         try:
-            stream = await asyncio.to_thread(
-                self._engine.open_stream,
-                contact_id=params.session_id,
-                track="transcribe-streaming",
-                language=params.language_code,
-            )
+            stream = await asyncio.to_thread(self._open_streams, params)
         except Exception as error:
             await self._refuse(send, body, _service_error_for(error))
             return
         await send({"type": "http.response.start", "status": 200, "headers": _ok_headers(params)})
         drop = functools.partial(self._relay.drop, client_port)
         await _StreamSession(stream, body, send, fault, drop, self._timing).run()
+
+    def _open_streams(self, params: _StartParams) -> _Channels:
+        tracks = [f"ch_{i}" for i in range(params.channels)] if params.channels > 1 else [""]
+        streams: list[RecognitionStream] = []
+        try:
+            for track in tracks:
+                streams.append(
+                    self._engine.open_stream(
+                        contact_id=params.session_id,
+                        track=track or "transcribe-streaming",
+                        language=params.language_code,
+                    )
+                )
+        except Exception:
+            _Channels(streams).close_quietly()
+            raise
+        return _Channels(streams)
 
     async def _refuse(self, send: Send, body: _RequestBody, error: _ServiceError) -> None:
         _log.info("refusing stream: %s", error)
