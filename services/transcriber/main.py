@@ -40,11 +40,16 @@ def make_engine(settings: TranscriberSettings, options: TranscribeOptions) -> Cl
     if settings.engine == "transcribe":
         from callstream.asr.transcribe import TranscribeEngine
 
-        return TranscribeEngine(
+        engine = TranscribeEngine(
             settings.transcribe_region,
             default_language=settings.default_language,
             **options.engine_kwargs(),
         )
+        if options.channel_mode == "stereo":
+            from callstream.asr.stereo import StereoTranscribeEngine
+
+            return StereoTranscribeEngine(engine, **options.stereo_kwargs())
+        return engine
     from callstream.asr.offline import OfflineEngine
     from callstream.asr.pool import PooledEngine
 

@@ -3,6 +3,14 @@
 Read from `CALLSTREAM_TRANSCRIBE_*` variables once at start-up; a bad value is a
 `ConfigError` naming the variable. The shared settings (bus, engine choice,
 region, default language) stay in `callstream.config.TranscriberSettings`.
+
+`CALLSTREAM_TRANSCRIBE_CHANNEL_MODE` says how calls map to Amazon Transcribe
+streams: `per-track` (the default) opens one stream per track; `stereo` opens
+one 2-channel stream per call with channel identification (customer on
+channel 0, agent on channel 1; `callstream.asr.stereo`), which halves the
+streams counted against the account's concurrent-stream quota. A track's
+audio then waits up to `CALLSTREAM_TRANSCRIBE_STEREO_MAX_LAG_MS` (default
+1000) for the other track's before the other is padded with silence.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ from services.transcriber.recovery import RecoveryPolicy
 
 P = "CALLSTREAM_TRANSCRIBE_"
 _PII_MODES = ("off", "identify", "redact")
+CHANNEL_MODES = ("per-track", "stereo")
+_MIN_REJOIN_WAIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +43,8 @@ class TranscribeOptions:
     pii_entity_types: tuple[str, ...]
     policy: RecoveryPolicy
     workers: int
+    channel_mode: str = "per-track"
+    stereo_max_lag_ms: int = 1000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> TranscribeOptions:
@@ -53,6 +65,8 @@ class TranscribeOptions:
             pii_entity_types=_names(raw.get(P + "PII_ENTITY_TYPES", "")),
             policy=_policy(env),
             workers=env.integer(P + "WORKERS", max(1, os.cpu_count() or 1), 1, 64),
+            channel_mode=env.choice(P + "CHANNEL_MODE", "per-track", CHANNEL_MODES),
+            stereo_max_lag_ms=env.integer(P + "STEREO_MAX_LAG_MS", 1000, 100, 10_000),
         )
         options._check()
         return options
@@ -76,6 +90,15 @@ class TranscribeOptions:
             "pii_entity_types": self.pii_entity_types,
             "content_redaction_type": "PII" if self.pii_mode == "redact" else None,
             "content_identification_type": "PII" if self.pii_mode == "identify" else None,
+        }
+
+    def stereo_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for `StereoTranscribeEngine`, besides the wrapped engine."""
+        # A reopened track waits for the other, whose backoff may be up to half the
+        # cap longer (equal jitter), so the wait follows the backoff cap.
+        return {
+            "max_lag_ms": self.stereo_max_lag_ms,
+            "rejoin_wait_s": max(_MIN_REJOIN_WAIT_S, self.policy.backoff_max_s),
         }
 
 

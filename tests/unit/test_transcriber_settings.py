@@ -14,6 +14,37 @@ def test_defaults_need_no_variable() -> None:
     assert options.policy.keepalive_after_s == 5.0 and options.policy.rollover_ms == 14_100_000
     assert options.workers >= 1
     assert options.engine_kwargs()["content_redaction_type"] is None
+    assert options.channel_mode == "per-track"
+
+
+def test_stereo_channel_mode_and_its_tuning_reach_the_stereo_engine() -> None:
+    options = TranscribeOptions.from_env(
+        {
+            "CALLSTREAM_TRANSCRIBE_CHANNEL_MODE": "STEREO",
+            "CALLSTREAM_TRANSCRIBE_STEREO_MAX_LAG_MS": "500",
+            "CALLSTREAM_TRANSCRIBE_BACKOFF_MAX_MS": "60000",
+        }
+    )
+    assert options.channel_mode == "stereo"
+    # The wait for a reopening track covers the other track's longer backoff.
+    assert options.stereo_kwargs() == {"max_lag_ms": 500, "rejoin_wait_s": 60.0}
+    assert TranscribeOptions.from_env({}).stereo_kwargs()["rejoin_wait_s"] == 30.0
+
+
+def test_make_engine_wraps_transcribe_in_the_stereo_engine_only_in_stereo_mode() -> None:
+    from callstream.asr.stereo import StereoTranscribeEngine
+    from callstream.asr.transcribe import TranscribeEngine
+    from callstream.config import TranscriberSettings
+    from services.transcriber.main import make_engine
+
+    settings = TranscriberSettings.from_env({"CALLSTREAM_ASR_ENGINE": "transcribe"})
+    for mode, kind in (("stereo", StereoTranscribeEngine), ("per-track", TranscribeEngine)):
+        options = TranscribeOptions.from_env({"CALLSTREAM_TRANSCRIBE_CHANNEL_MODE": mode})
+        engine = make_engine(settings, options)
+        try:
+            assert isinstance(engine, kind)
+        finally:
+            engine.close()
 
 
 def test_options_reach_the_engine_arguments() -> None:
@@ -59,6 +90,11 @@ def test_options_reach_the_engine_arguments() -> None:
         ),
         ({"CALLSTREAM_TRANSCRIBE_WORKERS": "0"}, "CALLSTREAM_TRANSCRIBE_WORKERS"),
         ({"CALLSTREAM_TRANSCRIBE_ROLLOVER_S": "20000"}, "CALLSTREAM_TRANSCRIBE_ROLLOVER_S"),
+        ({"CALLSTREAM_TRANSCRIBE_CHANNEL_MODE": "mono"}, "CALLSTREAM_TRANSCRIBE_CHANNEL_MODE"),
+        (
+            {"CALLSTREAM_TRANSCRIBE_STEREO_MAX_LAG_MS": "50"},
+            "CALLSTREAM_TRANSCRIBE_STEREO_MAX_LAG_MS",
+        ),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: str) -> None:
