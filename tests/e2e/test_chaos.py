@@ -15,11 +15,14 @@ undisturbed run.
 Asserted afterwards: every call's two WAVs carry exactly the PCM put into
 KVS, byte for byte; the transcribed calls' rows equal the undisturbed run's
 (same final segments by track, StartTime, EndTime and text; no extra rows);
-the dead-letter stream is empty. Then, on the same stack: a round while the
-emulator throttles 20% of Kinesis, DynamoDB and S3 requests (nothing lost);
-SIGTERM releases the leases (handed over, not expired); a poison record is
-dead-lettered by each service (at least once: a shard handed over before its
-checkpoint may dead-letter it again) and its original is redriven once.
+the dead-letter stream is empty; the audio stream holds no (contact, track,
+sequence), CallStarted or CallEnded twice (ingest resumes a taken-over call
+after its last published fragment; progress lives in a per-run table).
+Then, on the same stack: a round while the emulator throttles 20% of
+Kinesis, DynamoDB and S3 requests (nothing lost); SIGTERM releases the
+leases (handed over, not expired); a poison record is dead-lettered by each
+service (at least once: a shard handed over before its checkpoint may
+dead-letter it again) and its original is redriven once.
 
 `bench/chaos.py` runs the same harness at a larger size.
 """
@@ -88,6 +91,7 @@ def chaos_env(emulator_env: dict[str, str], workdir: Path, prefix: str) -> dict[
         "CALLSTREAM_TRANSCRIPTS_STREAM": f"{prefix}-transcripts",
         "CALLSTREAM_DEADLETTER_STREAM": f"{prefix}-deadletters",
         "CALLSTREAM_LEASE_TABLE": f"{prefix}-leases",
+        "CALLSTREAM_PROGRESS_TABLE": f"{prefix}-progress",
         "TABLE_CALLER_TRANSCRIPT": f"{prefix}-customer",
         "TABLE_CALLER_TRANSCRIPT_TO_CUSTOMER": f"{prefix}-agent",
     }
@@ -301,6 +305,28 @@ def describe_calls(env: dict[str, str], contact_ids: set[str]) -> dict[str, Any]
     return seen
 
 
+def repeated_audio(env: dict[str, str], contact_ids: set[str]) -> dict[str, Any]:
+    """Audio-stream records of these calls published more than once (ingest resumes exactly)."""
+    from collections import Counter
+
+    from callstream.bus.tail import StreamTail
+    from callstream.events import AudioChunkCaptured, CallEnded, CallStarted
+
+    kinesis = aws.client("kinesis", env["APP_REGION"])
+    seen: Counter[tuple[str, str, int]] = Counter()
+    tail = StreamTail(kinesis, env["CALLSTREAM_AUDIO_STREAM"])
+    while batch := tail.poll():
+        for event in batch:
+            contact = getattr(event, "contact_id", None)
+            if contact not in contact_ids:
+                continue
+            if isinstance(event, AudioChunkCaptured):
+                seen[(contact, event.track.value, event.sequence)] += 1
+            elif isinstance(event, CallStarted | CallEnded):
+                seen[(contact, type(event).__name__, 0)] += 1
+    return {f"{c}/{t}/{s}": n for (c, t, s), n in seen.items() if n > 1}
+
+
 def quiet(env: dict[str, str], seconds: float = 3.0) -> None:
     """Wait until the transcripts stream has had no new records for `seconds`."""
     from callstream.bus.tail import StreamTail
@@ -444,6 +470,9 @@ def test_killing_instances_during_live_calls_loses_and_duplicates_nothing(
     assert bad == [], result.kills
     assert result.row_mismatches == {}, result.kills
     assert result.dead_letters == []
+    # Ingest resumes a taken-over call after its last published fragment: no
+    # (contact, track, sequence), CallStarted or CallEnded is on the audio stream twice.
+    assert repeated_audio(env, {c.contact_id for c in calls}) == {}, result.kills
 
 
 def test_throttled_kinesis_dynamodb_and_s3_lose_nothing(
