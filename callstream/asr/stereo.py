@@ -489,13 +489,14 @@ class _StereoCall:
 
     def _new_session(self, channel: int, language: str, now: float) -> _Session:
         other = self.latest.get(1 - channel)
-        # The other track was live on the stream that just ended: the core is about
-        # to reopen it. One that did not rejoin an earlier session is not waited for.
+        # The other track was live on the stream that just ended (or its close failed
+        # with it): the core is about to reopen it. One that did not rejoin an earlier
+        # session is not waited for.
         rejoining = (
             other is not None
             and other.session is self.current
-            and not other.closing
             and not other.session.takes_audio
+            and (not other.closing or other.session.failure is not None)
         )
         expected = frozenset({1 - channel}) if rejoining else frozenset()
         session = _Session(
