@@ -8,8 +8,9 @@ held call on its own thread every lease/3, so a call whose session is blocked
 (a long read, a throttled publish) is never taken from a live instance.
 
 Before each publish the session calls `confirm()`: if no ownership write has
-succeeded for two thirds of the lease (DynamoDB unreachable, the process
-frozen), it renews first, and stops if it cannot. A new owner only claims a
+succeeded for two thirds of the lease (DynamoDB throttled or unreachable, the
+process frozen), it renews first, retrying until a whole lease has passed
+since the last success, and stops if it cannot. A new owner only claims a
 call whose heartbeat is a whole lease old, so a publish never starts after
 another instance may have taken the call (clocks in sync, as for leases).
 """
@@ -42,12 +43,14 @@ class CallOwnership:
         worker_id: str,
         lease_ms: int,
         monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.store = store
         self.contact_id = contact_id
         self.worker_id = worker_id
         self.lease_s = lease_ms / 1000
         self.monotonic = monotonic
+        self.sleep = sleep
         self.version = 0
         self.writes = 0
         self.lost = False
@@ -108,9 +111,14 @@ class CallOwnership:
             raise OwnershipLost(f"call {self.contact_id} is no longer ours")
         if self.monotonic() - self._confirmed_at < self.lease_s * 2 / 3:
             return
-        self.heartbeat()
-        if self.lost or self.monotonic() - self._confirmed_at >= self.lease_s * 2 / 3:
-            raise OwnershipLost(f"ownership of {self.contact_id} not confirmed for 2/3 of a lease")
+        # Throttled or slow writes: keep trying while no one else can have claimed the call.
+        while self.monotonic() - self._confirmed_at < self.lease_s:
+            if not self.heartbeat():
+                break  # refused: taken
+            if self.monotonic() - self._confirmed_at < self.lease_s * 2 / 3:
+                return
+            self.sleep(min(0.2, self.lease_s / 20))
+        raise OwnershipLost(f"ownership of {self.contact_id} not confirmed within a lease")
 
     def release(self) -> None:
         """Give the call up after its last save (a failure leaves it to expire)."""

@@ -368,3 +368,29 @@ def test_killed_after_call_ended_published_is_not_run_again(
     b.handle(stored.call, None)  # type: ignore[arg-type]
     settle(b, stored.contact)
     assert_exactly_once(audio, stored)
+
+
+def test_read_back_follows_a_contact_from_the_parent_into_its_child_shard(
+    aws_session: Any,
+) -> None:
+    kinesis = aws_session.client("kinesis")
+    name = f"audio-{uuid.uuid4().hex[:8]}"
+    kinesis.create_stream(StreamName=name, ShardCount=1)
+    kinesis.get_waiter("stream_exists").wait(StreamName=name)
+    publisher = KinesisPublisher(kinesis, name)
+    since = int(time.time() * 1000) - 1000
+
+    def chunk(contact: str, sequence: int) -> AudioChunkCaptured:
+        return AudioChunkCaptured(contact, Track.FROM_CUSTOMER, sequence, 0, 0, 0, b"\0\0", "1")
+
+    publisher.publish([chunk("mine", 0), chunk("other", 0), chunk("mine", 1)])
+    parent = kinesis.list_shards(StreamName=name)["Shards"][0]["ShardId"]
+    kinesis.split_shard(StreamName=name, ShardToSplit=parent, NewStartingHashKey=str(2**127))
+    publisher.publish([chunk("mine", 2), chunk("other", 1)])
+    found = PublishedEvents(kinesis, name).since("mine", since)
+    assert [(e.contact_id, e.sequence) for e in found if isinstance(e, AudioChunkCaptured)] == [
+        ("mine", 0),
+        ("mine", 1),
+        ("mine", 2),
+    ]
+    assert PublishedEvents(kinesis, name).since("mine", int(time.time() * 1000) + 60_000) == []

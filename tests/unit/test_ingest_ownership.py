@@ -131,3 +131,32 @@ def test_a_call_held_by_a_live_owner_waits_and_an_ended_one_is_settled() -> None
     assert takeover.run(call, never) is Outcome.WAITING
     assert store.save_owned(CONTACT, "a", {"ended": True}, 5)
     assert takeover.run(call, never) is Outcome.ENDED
+
+
+def test_a_throttled_heartbeat_is_retried_within_the_lease_before_publishing() -> None:
+    from callstream.errors import RetryableError
+
+    class Throttled(MemoryProgress):
+        failures = 3
+
+        def heartbeat(self, contact_id: str, owner: str) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise RetryableError("throttled")
+            return super().heartbeat(contact_id, owner)
+
+    store, now = Throttled(), [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    own = CallOwnership(store, CONTACT, "a", LEASE_MS, monotonic=lambda: now[0], sleep=sleep)
+    assert own.claim().granted
+    now[0] = 7.0
+    own.confirm()  # three throttled attempts, then renewed: publishing may go on
+    assert store.failures == 0 and not own.lost
+    store.failures = 1000
+    now[0] += 7.0
+    with pytest.raises(OwnershipLost, match="within a lease"):
+        own.confirm()
+    assert now[0] - 7.0 >= LEASE_MS / 1000  # gave up only once a whole lease had passed
