@@ -180,4 +180,7 @@ class Heartbeats:
 
     def _run(self) -> None:
         while not self._stop.wait(self.period_s):
-            self.beat()
+            try:
+                self.beat()
+            except Exception:  # a bad round must not end the heartbeats of every call
+                log.exception("ownership heartbeats failed; next round in %.1f s", self.period_s)
