@@ -19,6 +19,7 @@ from callstream import aws
 from callstream import log as logsetup
 from callstream.asr.base import SpeechEngine
 from callstream.config import TranscriberSettings
+from callstream.errors import ConfigError
 from callstream.progress import DynamoProgress
 from callstream.service import load_settings, publisher, run_service
 from services.transcriber.handler import TranscriberHandler
@@ -56,11 +57,21 @@ def make_engine(settings: TranscriberSettings, options: TranscribeOptions) -> Cl
     return PooledEngine(OfflineEngine(), options.workers)
 
 
+def check_engine_options(settings: TranscriberSettings, options: TranscribeOptions) -> None:
+    """Refuse options the chosen engine would silently ignore."""
+    if options.channel_mode == "stereo" and settings.engine != "transcribe":
+        raise ConfigError(
+            "CALLSTREAM_TRANSCRIBE_CHANNEL_MODE=stereo needs CALLSTREAM_ASR_ENGINE=transcribe, "
+            f"got {settings.engine!r}"
+        )
+
+
 def main() -> None:
     """Entry point: `python -m services.transcriber.main`."""
     logsetup.configure("transcriber")
     settings = load_settings(TranscriberSettings.from_env)
     options = load_settings(TranscribeOptions.from_env)
+    load_settings(lambda: check_engine_options(settings, options))
     engine = make_engine(settings, options)
     try:
         sink = publisher(settings.bus, settings.bus.transcripts_stream)

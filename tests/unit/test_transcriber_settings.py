@@ -100,3 +100,16 @@ def test_options_reach_the_engine_arguments() -> None:
 def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         TranscribeOptions.from_env(env)
+
+
+def test_stereo_with_the_offline_engine_is_refused_at_start_up() -> None:
+    from callstream.config import TranscriberSettings
+    from services.transcriber.main import check_engine_options
+
+    options = TranscribeOptions.from_env({"CALLSTREAM_TRANSCRIBE_CHANNEL_MODE": "stereo"})
+    offline = TranscriberSettings.from_env({"CALLSTREAM_ASR_ENGINE": "offline"})
+    with pytest.raises(ConfigError, match="CALLSTREAM_ASR_ENGINE=transcribe"):
+        check_engine_options(offline, options)
+    check_engine_options(
+        TranscriberSettings.from_env({"CALLSTREAM_ASR_ENGINE": "transcribe"}), options
+    )
