@@ -1,7 +1,7 @@
 """The offline speech engine: Moonshine base-en on ONNX Runtime, no network.
 
 Per stream: 8 kHz PCM is endpointed into utterances (`callstream.asr.endpointer`)
-and upsampled to 16 kHz by a stateful soxr resampler; `poll()` decodes each
+each range decoded is upsampled to 16 kHz by soxr (HQ); `poll()` decodes each
 closed utterance into a final and, while one is open, re-decodes it now and
 then for a partial. Partials are spaced by 0.6 s of audio at first, then by
 the utterance's length so far (a partial at 0.6, 1.2, 2.4, 4.8 s...): each
@@ -49,7 +49,6 @@ log = logging.getLogger(__name__)
 
 ENGINE_NAME = "offline-moonshine-base-en"
 SUPPORTED_LANGUAGE = "en"
-_UPSAMPLE = MODEL_RATE // SAMPLE_RATE
 _FIRST_PARTIAL_S = 0.6
 _PARTIAL_BACKOFF = 1.0  # next partial after max(0.6 s, this x the utterance so far)
 # A poll that takes in more than this much audio is behind real time: it skips
@@ -131,7 +130,7 @@ class _PendingFinal:
 
 
 class _Audio:
-    """16 kHz samples of a stream, addressed by absolute index, old ones dropped."""
+    """8 kHz samples (floats) of a stream, addressed by absolute index, old ones dropped."""
 
     def __init__(self) -> None:
         self.start = 0
@@ -149,7 +148,7 @@ class _Audio:
         return self.samples[max(0, start - self.start) : max(0, end - self.start)]
 
     def drop_before(self, index: int) -> None:
-        index = min(index, self.end)  # never past what the resampler has delivered
+        index = min(index, self.end)
         if index > self.start:
             self.samples = self.samples[index - self.start :]
             self.start = index
@@ -171,7 +170,6 @@ class OfflineStream:
         self._model = model
         self._partials = partials
         self._endpointer = Endpointer(config)
-        self._resampler = soxr.ResampleStream(SAMPLE_RATE, MODEL_RATE, 1, dtype="float32")
         self._audio = _Audio()
         self._inbox: list[bytes] = []
         self._inbox_lock = threading.Lock()
@@ -238,13 +236,12 @@ class OfflineStream:
                 out += self._decode_partial(self._open)
 
     def _ingest(self, samples: np.ndarray, *, last: bool) -> None:
-        """Move samples through the endpointer and the resampler."""
+        """Move samples through the endpointer into the stream's audio."""
         self._received += len(samples)
         events = self._endpointer.push(samples)
         if last:
             events += self._endpointer.flush(self._received)
-        as_float = samples.astype(np.float32) / 32768.0
-        self._audio.append(self._resampler.resample_chunk(as_float, last=last))
+        self._audio.append(samples.astype(np.float32) / 32768.0)
         for event in events:
             self._on_event(event)
 
@@ -261,9 +258,9 @@ class OfflineStream:
         self._open = None
 
     def _decode_finals(self, out: list[Hypothesis]) -> None:
-        # A final waits until the resampler has delivered all of its audio, so
-        # it is decoded from the same samples however the audio was chunked.
-        while self._finals and self._audio.end >= self._finals[0].utterance.audio_end * _UPSAMPLE:
+        # A final is decoded from its whole range, the same samples however
+        # the audio was chunked.
+        while self._finals and self._audio.end >= self._finals[0].utterance.audio_end:
             pending = self._finals.pop(0)
             u, early = pending.utterance, pending.early
             if early is not None and (early.audio_start, early.audio_end) == (
@@ -289,7 +286,7 @@ class OfflineStream:
             return []
         config = self._endpointer.config
         end = u.speech_end + config.samples(config.postroll_ms)
-        if u.audio_end < end or self._audio.end < end * _UPSAMPLE:
+        if u.audio_end < end or self._audio.end < end:
             return []  # still speaking, or the postroll is not all here yet
         if state.early is not None and state.early.audio_end == end:
             return []
@@ -307,7 +304,7 @@ class OfflineStream:
         config = self._endpointer.config
         if u.audio_end - u.speech_end >= config.samples(config.postroll_ms):
             return []  # a pause: the early final stands for this speech
-        available = min(u.audio_end, self._audio.end // _UPSAMPLE)
+        available = min(u.audio_end, self._audio.end)
         length = available - u.audio_start
         if length < state.next_partial:
             return []
@@ -331,7 +328,10 @@ class OfflineStream:
         return tidy(self._transcribe(start, end).text)
 
     def _transcribe(self, start: int, end: int, draft: tuple[int, ...] = ()) -> Transcript:
-        audio = self._audio.slice(start * _UPSAMPLE, end * _UPSAMPLE)
+        # Resampled per decode, from the range alone: no stream state (a soxr
+        # stream held back ~100 ms of output), and the same samples give the
+        # same input to the model however the audio arrived.
+        audio = soxr.resample(self._audio.slice(start, end), SAMPLE_RATE, MODEL_RATE)
         try:
             return self._model.transcribe(audio, draft=draft)
         except Exception as error:  # onnxruntime's errors derive from Exception only
@@ -355,7 +355,7 @@ class OfflineStream:
         keep = self._endpointer.reach_back()
         if self._finals:
             keep = min(keep, self._finals[0].utterance.audio_start)
-        self._audio.drop_before(max(0, keep) * _UPSAMPLE)
+        self._audio.drop_before(max(0, keep))
 
 
 # A phrase of 1-4 words said four or more times in a row: a decoding loop.
