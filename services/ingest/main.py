@@ -70,8 +70,17 @@ class IngestHandler:
         )
         self.audio = audio or publisher(bus, bus.audio_stream)
         self.lease_ms = lease or lease_ms()
+        # Ownership writes are due within a lease: few quick retries of our own, not
+        # the adaptive client's rate limiting (a failed one is retried next round).
         store = progress or DynamoProgress(
-            aws.client("dynamodb", bus.region), bus.progress_table, "ingest"
+            aws.client(
+                "dynamodb",
+                bus.region,
+                retries={"mode": "standard", "max_attempts": 3},
+                read_timeout=max(1.0, self.lease_ms / 3000),
+            ),
+            bus.progress_table,
+            "ingest",
         )
         self.takeover = Takeover(
             store,

@@ -495,6 +495,8 @@ def test_throttled_kinesis_dynamodb_and_s3_lose_nothing(
     assert result.wav_mismatches == []
     assert result.row_mismatches == {}
     assert result.dead_letters == []
+    # Not asserted: a publish in flight when a throttled owner's lease ran out may repeat.
+    print("repeated on the audio stream:", repeated_audio(env, {c.contact_id for c in calls}))
 
 
 def test_sigterm_releases_the_leases_so_the_other_instance_takes_over_at_once(
