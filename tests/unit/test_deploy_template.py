@@ -105,9 +105,26 @@ def test_transcript_tables_have_the_reference_keys_ttl_pitr_and_encryption(
         assert props["SSESpecification"]["SSEEnabled"] is True
 
 
-def test_lease_table_matches_the_lease_code() -> None:
-    source = Path(importlib.import_module("callstream.bus.leases").__file__ or "").read_text()
-    assert '"AttributeName": "lease_key", "KeyType": "HASH"' in source
+@pytest.mark.parametrize("resource", ["LeaseTable", "ProgressTable"])
+def test_lease_and_progress_tables_have_the_keys_the_code_creates(
+    template: dict[str, Any], aws_session: Any, resource: str
+) -> None:
+    from callstream.bus.leases import LeaseTable
+    from callstream.progress import DynamoProgress
+
+    dynamodb = aws_session.client("dynamodb")
+    name = f"keys-{resource}"
+    if resource == "LeaseTable":
+        LeaseTable(dynamodb, name).ensure_table()
+    else:
+        DynamoProgress(dynamodb, name, "any")
+    made = dynamodb.describe_table(TableName=name)["Table"]
+    props = template["Resources"][resource]["Properties"]
+    assert props["KeySchema"] == made["KeySchema"]
+    assert props["AttributeDefinitions"] == made["AttributeDefinitions"]
+    if resource == "ProgressTable":
+        ttl = dynamodb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+        assert props["TimeToLiveSpecification"]["AttributeName"] == ttl["AttributeName"]
 
 
 def test_recordings_bucket_is_private_and_encrypted(template: dict[str, Any]) -> None:
