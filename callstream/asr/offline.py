@@ -16,8 +16,11 @@ is decoded then, during the end hangover, and shown as a partial. When the
 utterance closes with exactly that range the final reuses the text (same
 samples, same decoder, so the same text as a late decode); if speech resumed,
 the final is decoded as usual. This takes the decoding time out of the final's
-latency (bench: p50 0.95 s -> about 0.65 s after speech end) at the price of
-one wasted decode per pause of 150-400 ms.
+latency (bench/asr_offline.py, with the 400 ms hangover: p50 0.95 s -> 0.56 s
+after the VAD's speech end, 0.78 s after the reference phrase end) at the
+price of one wasted decode per pause of 150-400 ms. Each decoded range is
+upsampled on its own rather than by a soxr stream, which released its output
+in ~100 ms blocks and so held the early decode back.
 
 Overload: a poll that finds more than 1 s of audio queued is behind real
 time; it skips partials and early finals, which would be stale, and decodes
