@@ -13,6 +13,16 @@ returns the cross-attention keys/values of the audio; later steps feed back
 the self-attention cache and keep the cross-attention one. A draft (the
 previous partial's tokens) can be verified in that first step, so a partial
 of a growing utterance costs one pass plus the tokens that changed.
+
+Greedy on purpose: a beam search over the same cache (2, 4 or 8 beams,
+with and without length normalisation) was measured on the endpointed
+utterance set and the sample call (issue #6). With the 200 ms pre/postroll it
+fixed two words of 88 ("and sure" -> "in short"); with 150 ms it fixed none and
+took the call from 1.5 % to 3.1 % WER, for 1.6x (2 beams) to 6x (8 beams) the
+decoding CPU.
+Neither the level (0.5x-4x gain, RMS or peak normalisation) nor the
+resampler (soxr LQ/HQ/VHQ, linear) nor silence padding moved the WER by more
+than a word either way.
 """
 
 from __future__ import annotations

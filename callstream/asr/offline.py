@@ -1,7 +1,7 @@
 """The offline speech engine: Moonshine base-en on ONNX Runtime, no network.
 
-Per stream: 8 kHz PCM is endpointed into utterances (`callstream.asr.endpointer`)
-each range decoded is upsampled to 16 kHz by soxr (HQ); `poll()` decodes each
+Per stream: 8 kHz PCM is endpointed into utterances (`callstream.asr.endpointer`),
+and each range is upsampled to 16 kHz by soxr (HQ) when decoded; `poll()` decodes each
 closed utterance into a final and, while one is open, re-decodes it now and
 then for a partial. Partials are spaced by 0.6 s of audio at first, then by
 the utterance's length so far (a partial at 0.6, 1.2, 2.4, 4.8 s...): each
