@@ -16,6 +16,16 @@ closes after `end_ms` without speech, keeping `postroll_ms`; one that reaches
 goes on as a new utterance. Positions are sample counts from the stream start,
 so the result does not depend on how the audio was chunked.
 
+Restart at every utterance's end: when an utterance closes (not a forced
+cut), the VAD is started afresh at its speech end and the frames since then
+are classified again; the next utterance may reach back to that speech end.
+That is exactly the state of an endpointer whose stream starts there, which
+is where the transcriber restarts a stream after a failure or a takeover
+(the end of the last final): a resumed stream then finds the same next
+utterances as an undisturbed one, to the sample. Without it, the VAD's
+adaptive noise estimate, built over the whole stream, placed them 30-90 ms
+differently (tests/integration/test_transcriber_takeover.py).
+
 Defaults, measured with bench/asr_offline.py: `end_ms` 400 (was 600) splits the
 sample call and the utterance set exactly as 600 did; 300, 250 and even 200
 split no phrase of either, but cut the call's turns at the 0.7 s gaps
@@ -91,13 +101,18 @@ class Endpointer:
 
     def __init__(self, config: EndpointerConfig | None = None) -> None:
         self.config = config or EndpointerConfig()
-        self._vad = Vad(self.config.vad_mode, SAMPLE_RATE, self.config.frame_ms / 1000)
+        self._vad = self._new_vad()
         self._frame = self._vad.frame_bytes // 2
         self._pending = np.zeros(0, np.int16)
         self.position = 0  # samples classified so far
+        self._vad_start = 0  # where the current VAD began listening
         self._run = 0  # consecutive speech frames while closed
-        self._last_end = 0  # audio end of the previous utterance
+        self._last_end = 0  # where the next utterance may reach back to
         self._open: Utterance | None = None
+        # The frames since the last speech, to classify again after a restart.
+        self._recent: deque[np.ndarray] = deque(
+            maxlen=self.config.samples(self.config.end_ms) // self._frame + 2
+        )
         # Energy of the latest frames (enough to cover one maximal utterance).
         max_frames = self.config.samples(self.config.max_ms) // self._frame + 2
         self._energy: deque[float] = deque(maxlen=max_frames)
@@ -135,9 +150,10 @@ class Endpointer:
     def _step(self, frame: np.ndarray) -> list[Event]:
         # The VAD calls its first frames speech while it learns the line's
         # noise, so nothing it says during the warm-up counts.
-        warm = self.position >= self.config.samples(self.config.warmup_ms)
+        warm = self.position - self._vad_start >= self.config.samples(self.config.warmup_ms)
         speech = bool(self._vad.is_speech(frame.tobytes())) and warm
         self.position += len(frame)
+        self._recent.append(frame)
         self._energy.append(float(np.mean(frame.astype(np.float32) ** 2)))
         if self._open is None:
             self._run = self._run + 1 if speech else 0
@@ -151,10 +167,29 @@ class Endpointer:
             u = self._open = Utterance(u.audio_start, u.speech_start, u.speech_end, self.position)
         if self.position - u.speech_end >= self.config.samples(self.config.end_ms):
             end = u.speech_end + self.config.samples(self.config.postroll_ms)
-            return [self._close(Utterance(u.audio_start, u.speech_start, u.speech_end, end))]
+            closed = self._close(Utterance(u.audio_start, u.speech_start, u.speech_end, end))
+            return [closed, *self._restart(u.speech_end)]
         if self.position - u.audio_start >= self.config.samples(self.config.max_ms):
             return self._cut(u)
         return []
+
+    def _new_vad(self) -> Vad:
+        return Vad(self.config.vad_mode, SAMPLE_RATE, self.config.frame_ms / 1000)
+
+    def _restart(self, at: int) -> list[Event]:
+        """Listen afresh from `at` (a frame boundary behind us), as a stream started there."""
+        count = (self.position - at) // self._frame
+        frames = list(self._recent)[len(self._recent) - count :] if count else []
+        for _ in frames:
+            self._recent.pop()
+            self._energy.pop()
+        self._vad = self._new_vad()
+        self.position = self._vad_start = self._last_end = at
+        self._run = 0
+        events: list[Event] = []
+        for frame in frames:
+            events += self._step(frame)
+        return events
 
     def _begin(self, speech_start: int, *, preroll: bool = True) -> Opened:
         reach = self.config.samples(self.config.preroll_ms) if preroll else 0

@@ -132,7 +132,17 @@ def test_finals_do_not_depend_on_how_the_audio_is_chunked(
     agent_20ms: list[Hypothesis], agent_1s: list[Hypothesis]
 ) -> None:
     assert finals(agent_20ms) == finals(agent_1s)
-    assert len(finals(agent_1s)) == 5
+
+
+def test_no_spoken_phrase_is_split_between_two_finals(
+    agent_20ms: list[Hypothesis], reference: list[dict[str, object]]
+) -> None:
+    # The agent's 5 turns are 9 phrases with 0.7 s pauses: a final may hold one or more
+    # phrases (the endpointer closes after 400 ms without speech), never part of one.
+    for r in [r for r in reference if r["track"] == "AUDIO_TO_CUSTOMER"]:
+        start, end = int(str(r["start_ms"])), int(str(r["end_ms"]))
+        over = [f for f in finals(agent_20ms) if f.start_ms < end and start < f.end_ms]
+        assert len(over) == 1, f"phrase {r['text']!r} in {len(over)} finals"
 
 
 def test_audio_sent_whole_and_closed_without_polls_gives_the_same_finals(
