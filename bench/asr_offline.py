@@ -103,9 +103,28 @@ def call_wer(texts: dict[str, str]) -> float:
     return jiwer.wer(truth, [normalise(texts[t]) for t in TRACKS])
 
 
+def speaker(source: str) -> str:
+    """The recording an utterance comes from, as named in samples/SOURCES.md."""
+    if source == "two_cities":
+        return "LibriVox Dickens (01-07)"
+    return "CMU cards (08-12)" if source.startswith("cards/") else "CMU goforward/something (13-14)"
+
+
+def per_speaker_wer(truth: list[str], heard: list[str], sources: list[str]) -> dict[str, str]:
+    """Streamed WER of each source recording, with its word count."""
+    out = {}
+    for name in sorted({speaker(s) for s in sources}):
+        pick = [i for i, s in enumerate(sources) if speaker(s) == name]
+        words = sum(len(truth[i].split()) for i in pick)
+        wer = jiwer.wer([truth[i] for i in pick], [heard[i] for i in pick])
+        out[name] = f"{wer:.3f} over {words} words"
+    return out
+
+
 def utterance_wer(engine: OfflineEngine) -> tuple[float, float, list[str]]:
     """Streaming WER (20 ms pieces through the endpointer), one-shot WER (the
-    whole clip decoded at once, no endpointer) and the streamed misses."""
+    whole clip decoded at once, no endpointer) and the streamed misses; prints
+    the streamed WER per source recording."""
     listing = json.loads((SAMPLES / "utterances" / "transcripts.json").read_text())
     truth, heard, whole, misses = [], [], [], []
     for item in listing:
@@ -118,6 +137,8 @@ def utterance_wer(engine: OfflineEngine) -> tuple[float, float, list[str]]:
         whole.append(normalise(tidy(engine.model.transcribe(audio).text)))
         if heard[-1] != truth[-1]:
             misses.append(f"{item['file']}: {truth[-1]!r} -> {heard[-1]!r}")
+    for name, result in per_speaker_wer(truth, heard, [i["source"] for i in listing]).items():
+        print(f"  utterance set WER, {name}: {result}")
     return jiwer.wer(truth, heard), jiwer.wer(truth, whole), misses
 
 
