@@ -104,12 +104,27 @@ class Fault:
 
     `after_audio_events=0` acts at start: an exception becomes an HTTP error
     response, a drop closes the connection before any response.
+    `after_audio_ms`, when set, acts instead once that much audio (per
+    channel) was taken in: unlike a count of events, it does not depend on
+    how a loaded client batched its audio into events.
     """
 
     exception: str | None = None
     after_audio_events: int = 0
     drop_connection: bool = False
     message: str = "fault injected by the local Transcribe endpoint"
+    after_audio_ms: int | None = None
+
+    @property
+    def at_start(self) -> bool:
+        """The fault refuses the stream before any audio."""
+        return self.after_audio_events == 0 and self.after_audio_ms is None
+
+    def due(self, audio_events: int, audio_ms: int) -> bool:
+        """Whether the fault strikes now, after this many events and ms of audio."""
+        if self.after_audio_ms is not None:
+            return audio_ms >= self.after_audio_ms
+        return audio_events == self.after_audio_events
 
     def __post_init__(self) -> None:
         if self.drop_connection == (self.exception is not None):
@@ -121,14 +136,26 @@ class Fault:
             raise ValueError(f"after_audio_events must be >= 0, got {self.after_audio_events}")
 
     @classmethod
-    def fail(cls, exception: str, *, after_audio_events: int = 0, message: str = "") -> Fault:
+    def fail(
+        cls,
+        exception: str,
+        *,
+        after_audio_events: int = 0,
+        after_audio_ms: int | None = None,
+        message: str = "",
+    ) -> Fault:
         """Fail the stream with the named service exception."""
-        return cls(exception, after_audio_events, message=message or cls.message)
+        return cls(
+            exception,
+            after_audio_events,
+            message=message or cls.message,
+            after_audio_ms=after_audio_ms,
+        )
 
     @classmethod
-    def drop(cls, *, after_audio_events: int = 0) -> Fault:
+    def drop(cls, *, after_audio_events: int = 0, after_audio_ms: int | None = None) -> Fault:
         """Abort the stream's TCP connection (and so every stream sharing it)."""
-        return cls(None, after_audio_events, drop_connection=True)
+        return cls(None, after_audio_events, drop_connection=True, after_audio_ms=after_audio_ms)
 
 
 class ServerAddress(NamedTuple):
@@ -522,7 +549,9 @@ class _StreamSession:
     async def _transcribe(self) -> bool:
         """Run until the client's audio is flushed (True) or the stream is abandoned (False)."""
         loop = asyncio.get_running_loop()
-        audio_events, last_audio = 0, loop.time()
+        audio_events, audio_bytes, last_audio = 0, 0, loop.time()
+        record = self._body.record
+        bytes_per_ms = 2 * (record.channels if record else 1) * SAMPLE_RATE // 1000
         while True:
             item = await self._next_item()
             if item is _Signal.END_OF_AUDIO:
@@ -535,9 +564,14 @@ class _StreamSession:
             else:
                 await self._call(self._stream.send, item)
                 audio_events, last_audio = audio_events + 1, loop.time()
+                audio_bytes += len(item)
             await self._emit(await self._call(self._stream.poll))
             fault = self._fault
-            if fault is not None and item is not None and audio_events == fault.after_audio_events:
+            if (
+                fault is not None
+                and item is not None
+                and fault.due(audio_events, audio_bytes // bytes_per_ms)
+            ):
                 if fault.drop_connection:
                     self._drop()
                     return False
@@ -664,7 +698,7 @@ class _TranscribeApp:
         )
         self._ledger.add_record(body.record)
         client_port = scope["client"][1]
-        if fault is not None and fault.after_audio_events == 0:
+        if fault is not None and fault.at_start:
             if fault.drop_connection:
                 self._relay.drop(client_port)
             else:

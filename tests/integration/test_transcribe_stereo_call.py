@@ -191,10 +191,11 @@ def test_a_two_track_call_with_a_pause_past_the_idle_timeout_uses_one_stereo_str
 @pytest.mark.parametrize(
     "fault",
     [
+        # By audio time, not by events: a loaded client batches audio into fewer events.
         pytest.param(
-            Fault.fail("LimitExceededException", after_audio_events=250), id="limit-exceeded"
+            Fault.fail("LimitExceededException", after_audio_ms=24_000), id="limit-exceeded"
         ),
-        pytest.param(Fault.drop(after_audio_events=300), id="connection-dropped"),
+        pytest.param(Fault.drop(after_audio_ms=30_000), id="connection-dropped"),
     ],
 )
 def test_a_failure_mid_call_loses_no_word_on_either_track_and_repeats_none(
