@@ -5,7 +5,8 @@ Stand-alone: ``.venv/bin/python bench/chaos.py [--calls 60] [--transcribed 4]
 embedded emulator and `--instances` processes of every service, plays the
 transcribed calls undisturbed for reference rows, then plays every call while
 SIGKILLing a random instance of each service in turn, and prints what was
-killed, how long the round took, and any WAV, row or dead-letter mismatch.
+killed, how long the round took, and any WAV, row or dead-letter mismatch, and
+any chunk, CallStarted or CallEnded repeated on the audio stream.
 Exit code 1 if anything was lost or duplicated.
 """
 
@@ -69,13 +70,15 @@ def run(args: argparse.Namespace) -> int:
             )
         finally:
             group.stop()
+        repeated = h.repeated_audio(env, {c.contact_id for c in calls})
     print(f"calls {args.calls} ({args.transcribed} transcribed), instances {args.instances}")
     print(f"killed {len(result.kills)}: {result.kills}")
     print(f"round took {result.seconds} s; logs in {workdir / 'logs'}")
     print(f"WAV mismatches: {result.wav_mismatches or 'none'}")
     print(f"row mismatches: {json.dumps(result.row_mismatches, default=str) or 'none'}")
     print(f"dead letters: {result.dead_letters or 'none'}")
-    lost = result.wav_mismatches or result.row_mismatches or result.dead_letters
+    print(f"repeated on the audio stream (contact, track, sequence): {repeated or 'none'}")
+    lost = result.wav_mismatches or result.row_mismatches or result.dead_letters or repeated
     return 1 if lost else 0
 
 

@@ -232,7 +232,9 @@ class CallTranscription:
             feed.next_sequence = saved["resume_sequence"]
             self.feeds[feed.track] = feed
         log.info(
-            "resuming after the last finals: %s",
+            "resuming after the last finals: %s"
+            if self.enabled
+            else "resuming (%s): not transcribed",
             {name: t["committed_ms"] for name, t in state["tracks"].items()},
             extra={"contact_id": self.contact_id},
         )
