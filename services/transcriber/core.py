@@ -163,6 +163,10 @@ class CallTranscription:
         feed.sent.append((chunk.sequence, chunk.offset_ms + len(chunk.pcm) // BYTES_PER_MS))
         dropped = feed.spool.add(chunk.offset_ms, chunk.pcm)
         feed.spool.release_before(feed.committed_ms)  # a restored track resumes mid-chunk
+        if dropped:  # a resume could not hear those chunks again either
+            first_ms = feed.spool.pieces()[0][0]
+            while feed.sent and feed.sent[0][1] <= first_ms:
+                feed.sent.popleft()
         if dropped and not feed.spool_full_logged:
             # Once until the next final: a long silent stretch fills it chunk by chunk.
             feed.spool_full_logged = True

@@ -153,3 +153,19 @@ def test_resume_point_is_the_chunk_where_the_saved_finals_end() -> None:
     chunk = default_contract().decode(records[int(checkpoints[SHARD][0]) - 1].data)
     assert isinstance(chunk, AudioChunkCaptured)
     assert chunk.offset_ms <= committed < chunk.offset_ms + len(chunk.pcm) // 16
+
+
+def test_a_resume_never_reaches_back_past_what_the_resend_limit_keeps() -> None:
+    from services.transcriber.core import CallTranscription
+    from services.transcriber.recovery import RecoveryPolicy
+
+    clock = Clock()
+    policy = RecoveryPolicy(resend_limit_ms=10_000)
+    call = CallTranscription(C, BurstEngine(clock), policy=policy)
+    for chunk in chunks(speech(1, period_ms=40_000, word_ms=39_000), 128):
+        clock.now += 0.128
+        call.accept(chunk, clock.now)  # one word to the end: no final yet
+    resume = call.progress()["tracks"]["AUDIO_FROM_CUSTOMER"]["resume_sequence"]
+    # 40 s of chunks sent, of which the spool keeps the last 10 s: the resume point
+    # is where that begins, not the call's first chunk.
+    assert resume * 128 >= 40_000 - 10_000 - 128
