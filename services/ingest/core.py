@@ -25,7 +25,9 @@ Takeover: `export()` gives what has been *published* so far as a plain dict
 fragment cut part-way is read again and the bytes already published are
 skipped, as for a dropped connection. `advance(state, events)` moves a saved
 state past chunks found on the audio stream that a dead owner published after
-its last save. The session saves the export after each completed fragment
+its last save; chunks it stored beyond a hole in a batch are remembered per
+track (`on_stream`), cut again by the restored core and not returned, so
+only the missing ones are published. The session saves the export after each completed fragment
 (see docs/ingest.md, "Resume after a takeover").
 """
 
@@ -84,6 +86,8 @@ class _TrackState:
     gap_total_ms: int = 0  # missing audio before the next chunk, since the call began
     fragment_bytes: int = 0  # PCM bytes taken from the fragment in progress
     skip: int = 0  # bytes of a re-read fragment still to skip
+    # Sequences a dead owner stored beyond a hole in its last batch: emitted, never returned.
+    on_stream: set[int] = field(default_factory=set)
 
 
 class CallIngest:
@@ -208,6 +212,7 @@ class CallIngest:
                 gap_ms=saved["gap_ms"],
                 gap_total_ms=saved["gap_total_ms"],
                 fragment_bytes=saved["fragment_bytes"],
+                on_stream=set(saved.get("on_stream", [])),  # older states lack it
             )
         return core
 
@@ -287,7 +292,7 @@ class CallIngest:
         state.buffer += data
         state.next_time_ms = time_ms + len(data) // BYTES_PER_MS
         while len(state.buffer) >= self.chunk_bytes:
-            out.append(self._emit(state, self.chunk_bytes))
+            out += self._emit(state, self.chunk_bytes)
         return out
 
     def _check_gap(self, state: _TrackState, time_ms: int) -> list[Event]:
@@ -304,15 +309,16 @@ class CallIngest:
             time_ms,
             extra={"contact_id": self.contact_id, "track": state.track.value},
         )
-        out: list[Event] = [self._emit(state, len(state.buffer))] if state.buffer else []
+        out: list[Event] = [*self._emit(state, len(state.buffer))] if state.buffer else []
         state.gap_ms += gap
         state.gap_total_ms += gap
         return out
 
     def _flush_all(self) -> list[Event]:
-        return [self._emit(s, len(s.buffer)) for s in self.tracks.values() if s.buffer]
+        return [c for s in self.tracks.values() if s.buffer for c in self._emit(s, len(s.buffer))]
 
-    def _emit(self, state: _TrackState, size: int) -> AudioChunkCaptured:
+    def _emit(self, state: _TrackState, size: int) -> list[AudioChunkCaptured]:
+        """Cut the next chunk; returned unless a dead owner already stored it (see `advance`)."""
         pcm = bytes(state.buffer[:size])
         del state.buffer[:size]
         start_ms = state.buffer_start_ms or 0
@@ -332,7 +338,10 @@ class CallIngest:
         state.sequence += 1
         state.sample_offset += size // 2
         state.buffer_start_ms = start_ms + (size // 2) // 8
-        return chunk
+        if chunk.sequence in state.on_stream:
+            state.on_stream = {s for s in state.on_stream if s > chunk.sequence}
+            return []
+        return [chunk]
 
 
 def _export_track(state: _TrackState) -> dict[str, Any]:
@@ -347,6 +356,7 @@ def _export_track(state: _TrackState) -> dict[str, Any]:
         "gap_ms": state.gap_ms,  # owed to the next chunk (the buffer began after a gap)
         "gap_total_ms": state.gap_total_ms,
         "fragment_bytes": published,
+        "on_stream": sorted(s for s in state.on_stream if s >= state.sequence),
     }
 
 
@@ -355,41 +365,79 @@ def advance(
 ) -> dict[str, Any]:
     """`state` moved past this call's events found on the audio stream after it was saved.
 
-    A dead owner may have published chunks after its last save. Fragments
-    before the newest one found were published whole (a publish returns only
-    once every record is stored, and a fragment's chunks go out before the
-    next fragment is read), so they count as completed; the newest one may be
+    A dead owner may have published chunks after its last save. Per track,
+    the unbroken run of sequences after the saved one is taken as published:
+    the state goes on from the run's end. Fragments before the newest one
+    the runs reach were published whole (a publish returns only once every
+    record is stored, and a fragment's chunks go out before the next
+    fragment is read), so they count as completed; the newest one may be
     partial: its published bytes per track become the skip of its re-read.
-    Per track only the unbroken run of sequences after the saved one counts
-    (a batch cut by a kill may have stored a later record but not an earlier
-    one; what follows a hole is published again, with the same sequences).
+
+    A batch cut by a kill may have stored a later record of a track but not
+    an earlier one. The chunks found beyond such a hole do not move the
+    state (the hole is read again); their sequences are kept per track
+    (`on_stream`), and the restored core, which cuts the same chunks from
+    the same fragments, emits them without returning them: only the missing
+    chunks are published. A CallStarted or CallEnded found is not published
+    again.
+
+    Still not exact: a publish that outlives the owner's lease (its records
+    may land after this read-back) can repeat its chunks; and a CallEnded
+    stored past a hole of its own batch ends the call with the chunks in the
+    hole missing (logged as a warning).
     """
     out = _empty_state(contact_id) if state is None else _copy(state)
     chunks: dict[tuple[str, int], AudioChunkCaptured] = {}
+    ended: CallEnded | None = None
     for event in found:
         if getattr(event, "contact_id", None) != contact_id:
             continue
         if isinstance(event, CallStarted):
             out["started"] = True
         elif isinstance(event, CallEnded):
-            out["ended"] = True
+            out["ended"], ended = True, event
         elif isinstance(event, AudioChunkCaptured):
             chunks[(event.track.value, event.sequence)] = event
     fresh = [c for c in chunks.values() if c.sequence >= _saved_sequence(out, c.track.value)]
-    if not fresh:
-        return out
-    taken: dict[str, list[AudioChunkCaptured]] = {}
+    runs: dict[str, list[AudioChunkCaptured]] = {}
     for name in dict.fromkeys(c.track.value for c in fresh):  # first seen first, as published
         run, sequence = [], _saved_sequence(out, name)
         while (name, sequence) in chunks:
             run.append(chunks[(name, sequence)])
             sequence += 1
-        taken[name] = run
-    newest = max((c.fragment_number for c in fresh), key=_fragment_key)
-    _advance_fragments(out, newest, {c.fragment_number for c in fresh})
-    for name, run in taken.items():
-        _advance_track(out, out["tracks"].setdefault(name, _empty_track()), run, newest)
+        runs[name] = run
+    taken = [c for run in runs.values() for c in run]
+    # Only the runs move the fragment bookkeeping: what lies beyond a hole is read again.
+    newest = max((c.fragment_number for c in taken), key=_fragment_key, default=None)
+    if newest is not None:
+        _advance_fragments(out, newest, {c.fragment_number for c in taken})
+    for name, run in runs.items():
+        saved = out["tracks"].setdefault(name, _empty_track())
+        if newest is not None:
+            _advance_track(out, saved, run, newest)
+        _note_on_stream(saved, {c.sequence for c in fresh if c.track.value == name})
+    if ended is not None:
+        _warn_if_short(out, ended)
     return out
+
+
+def _warn_if_short(out: dict[str, Any], ended: CallEnded) -> None:
+    """A CallEnded stored past a hole of its own batch: the chunks in the hole stay missing."""
+    for name, count in ended.chunk_counts.items():
+        if _saved_sequence(out, name) < count:
+            log.warning(
+                "CallEnded found but %s chunks %d..%d are not on the stream; the call stays ended",
+                name,
+                _saved_sequence(out, name),
+                count - 1,
+                extra={"contact_id": ended.contact_id, "track": name},
+            )
+
+
+def _note_on_stream(saved: dict[str, Any], found: set[int]) -> None:
+    """Keep the track's sequences stored beyond its run end (found now or by an earlier advance)."""
+    known = set(saved.get("on_stream", [])) | found
+    saved["on_stream"] = sorted(s for s in known if s >= saved["sequence"])
 
 
 def _saved_sequence(state: dict[str, Any], track: str) -> int:
@@ -441,12 +489,15 @@ def _empty_track() -> dict[str, Any]:
         "gap_ms": 0,
         "gap_total_ms": 0,
         "fragment_bytes": 0,
+        "on_stream": [],
     }
 
 
 def _copy(state: dict[str, Any]) -> dict[str, Any]:
     out = dict(state)
     out["tracks"] = {name: dict(track) for name, track in state["tracks"].items()}
+    for track in out["tracks"].values():
+        track["on_stream"] = list(track.get("on_stream", []))
     return out
 
 

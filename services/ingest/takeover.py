@@ -8,9 +8,11 @@
 3. the previous owner left without releasing (it died, or lost the call
    mid-way): it may have published after its last save, so this contact's
    events are read back from the audio stream from a bit before that save,
-   and the state is advanced past them (`core.advance`); a CallEnded there
-   means the call is done. The advanced state is saved at once, so a later
-   release never hides that window from the next owner;
+   and the state is advanced past them (`core.advance`: chunks stored past a
+   hole in the dead owner's last batch are kept in the state and not
+   published again); a CallEnded there means the call is done. The
+   advanced state is saved at once, so a later release never hides that
+   window from the next owner;
 4. run the session, restored from the state (no second CallStarted).
 """
 

@@ -2,11 +2,13 @@
 
 Each test stores a Connect-layout call in KVS, runs it through an
 `IngestHandler` (worker "a") whose audio sink can stop or "kill" it at a
-chosen publish, then hands the same CallStarted to a second handler (worker
-"b") sharing the progress table (DynamoDB) and the audio stream (Kinesis).
-The audio stream is then read back and must hold, per track, every chunk
-sequence 0..n-1 exactly once with the PCM of an undisturbed run, one
-CallStarted and one CallEnded.
+chosen publish (storing all, none, a prefix, or all but the first records of
+that batch: a hole before a stored record), then hands the same CallStarted
+to a second handler (worker "b") sharing the progress table (DynamoDB) and
+the audio stream (Kinesis). The audio stream is then read back and must
+hold, per track, every chunk sequence 0..n-1 exactly once (none repeated,
+none missing) with the PCM of an undisturbed run, one CallStarted and one
+CallEnded.
 """
 
 from __future__ import annotations
@@ -194,7 +196,10 @@ def assert_exactly_once(audio: Audio, stored: Stored) -> None:
         (Track.TO_CUSTOMER, stored.agent),
     ):
         mine = sorted((c for c in chunks if c.track is track), key=lambda c: c.sequence)
-        assert [c.sequence for c in mine] == list(range(len(mine))), f"{track}: repeated or missing"
+        sequences = [c.sequence for c in mine]
+        repeated = sorted({s for s in sequences if sequences.count(s) > 1})
+        assert not repeated, f"{track}: sequences {repeated} published twice"
+        assert sequences == list(range(len(mine))), f"{track}: sequences missing"
         assert b"".join(c.pcm for c in mine) == expected
         assert [c.sample_offset for c in mine] == sorted(c.sample_offset for c in mine)
     assert sum(isinstance(e, CallStarted) for e in events) == 1
@@ -205,7 +210,11 @@ def assert_exactly_once(audio: Audio, stored: Stored) -> None:
 
 
 def kill_at(publish: int, part: str = "all") -> Callable[[Audio, Sequence[Event]], None]:
-    """A hook that dies at the given publish, after storing all, none or half of its records."""
+    """A hook that dies at the given publish, after storing all, none, half or some of its records.
+
+    "hole": the first record lost, the rest stored (a PutRecords batch cut by the kill while
+    its failed records were retried); "hole-two": the first two lost.
+    """
 
     def hook(audio: Audio, events: Sequence[Event]) -> None:
         if audio.publishes < publish:
@@ -216,6 +225,10 @@ def kill_at(publish: int, part: str = "all") -> Callable[[Audio, Sequence[Event]
             audio.publisher.publish(events)
         elif part == "half":
             audio.publisher.publish(events[: len(events) // 2])
+        elif part.startswith("hole"):
+            lost = 2 if part == "hole-two" else 1
+            assert len(events) > lost, "a hole needs a later record stored"
+            audio.publisher.publish(events[lost:])
         raise Killed(f"killed at publish {publish} ({part})")
 
     return hook
@@ -241,7 +254,16 @@ def test_undisturbed_call_saves_progress_and_ends_released(
 
 @pytest.mark.parametrize(
     ("publish", "part"),
-    [(1, "all"), (2, "all"), (4, "all"), (7, "half"), (9, "none"), (12, "half")],
+    [
+        (1, "all"),
+        (2, "all"),
+        (4, "all"),
+        (7, "half"),
+        (9, "none"),
+        (12, "half"),
+        (5, "hole"),
+        (10, "hole-two"),
+    ],
     ids=[
         "after-call-started",
         "after-first-chunks",
@@ -249,6 +271,8 @@ def test_undisturbed_call_saves_progress_and_ends_released(
         "half-a-batch",
         "lost-batch",
         "late-half",
+        "hole-in-a-batch",
+        "two-lost-before-a-stored-one",
     ],
 )
 def test_killed_between_publish_and_save_resumes_without_gap_or_repeat(

@@ -179,24 +179,102 @@ def test_advance_marks_the_call_ended_when_its_call_ended_was_published() -> Non
     assert advance(None, CONTACT, chunks(out))["ended"] is False
 
 
-def test_advance_stops_at_a_hole_so_nothing_before_it_is_lost() -> None:
+def key(chunk: AudioChunkCaptured) -> tuple[str, int]:
+    return chunk.track.value, chunk.sequence
+
+
+def assert_exactly_the_reference(
+    published: list[AudioChunkCaptured], reference: list[AudioChunkCaptured], where: str
+) -> None:
+    """Every reference chunk published once, nothing else (the stream's order is not checked)."""
+    keys = [key(c) for c in published]
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    assert not repeated, f"{where}: published twice {repeated}"
+    assert sorted(published, key=key) == sorted(reference, key=key), where
+
+
+def holes(batch: list[AudioChunkCaptured]) -> dict[str, list[AudioChunkCaptured]]:
+    """What a kill may have stored of a batch: one or two records lost, a later one stored."""
+    out = {"first": batch[1:], "first-two": batch[2:], "next-to-last": batch[:-2] + batch[-1:]}
+    return {name: kept for name, kept in out.items() if 0 < len(kept) < len(batch)}
+
+
+def run_until_killed(events: list[Any], cut: int) -> tuple[list[Any], dict[str, Any], list[Any]]:
+    """Saved fragment by fragment up to `cut`: (published before the last save, save, unsaved)."""
+    core, published = CallIngest(CONTACT), []
+    saved, unsaved = stored(core.export()), []
+    for event in events[:cut]:
+        unsaved += chunks(core.accept(event))
+        if isinstance(event, ClusterEnded):
+            published, saved, unsaved = published + unsaved, stored(core.export()), []
+    return published, saved, unsaved
+
+
+@pytest.mark.parametrize("keep", [None, [0, 2, 3]], ids=["contiguous", "fragment-missing"])
+def test_a_hole_in_the_last_batch_publishes_only_the_missing_chunks(
+    keep: list[int] | None,
+) -> None:
+    events = mkv_events(keep)
+    reference = chunks(feed(CallIngest(CONTACT), events))
+    tried = 0
+    for cut in range(len(events) + 1):
+        published, saved, batch = run_until_killed(events, cut)
+        for name, kept in holes(batch).items():
+            state = stored(advance(saved, CONTACT, [CallStarted(CONTACT, "arn", 0), *kept]))
+            core = CallIngest.restore(state)
+            after = chunks(feed(core, reread_from(events, state)))
+            after += chunks(core.finish(EndReason.END_OF_STREAM, "done", 0))
+            where = f"died after MKV event {cut}, lost the {name} of the batch"
+            assert_exactly_the_reference(published + kept + after, reference, where)
+            pruned = core.export()["tracks"].values()
+            assert all(not t.get("on_stream") for t in pruned), f"{where}: not pruned"
+            tried += 1
+    assert tried > 100
+
+
+def test_a_second_owner_killed_before_its_first_save_keeps_what_lay_beyond_the_hole() -> None:
     events = mkv_events()
     reference = chunks(feed(CallIngest(CONTACT), events))
-    end = next(i for i, e in enumerate(events) if isinstance(e, ClusterEnded))
+    end = [i for i, e in enumerate(events) if isinstance(e, ClusterEnded)][1]
+    published, saved, batch = run_until_killed(events, end)  # the second fragment unsaved
+    kept = batch[2:]
+    first = stored(advance(saved, CONTACT, kept))
+    # The second owner publishes the two missing chunks, then dies before saving; the
+    # third reads back from after the first advance: the chunks beyond the hole are older.
+    second = CallIngest.restore(first)
+    reread = len(events) - len(reread_from(events, first))
+    missing = chunks(feed(second, events[reread:end]))
+    assert sorted(map(key, missing)) == sorted(map(key, batch[:2])), "not only the hole"
+    state = stored(advance(first, CONTACT, missing))
+    core = CallIngest.restore(state)
+    after = chunks(feed(core, reread_from(events, state)))
+    assert_exactly_the_reference(published + kept + missing + after, reference, "third owner")
+
+
+def test_old_states_without_on_stream_still_restore() -> None:
+    events = mkv_events(seconds=2.0)
     core = CallIngest(CONTACT)
-    before = chunks(feed(core, events[: end + 1]))
+    feed(core, events[: len(events) // 2])
+    state = stored(core.export())
+    for track in state["tracks"].values():
+        del track["on_stream"]
+    restored = CallIngest.restore(state)
+    assert all(not s.on_stream for s in restored.tracks.values())
+    assert advance(state, CONTACT, [])["tracks"].keys() == state["tracks"].keys()
+
+
+def test_a_call_ended_stored_past_a_hole_ends_the_call_and_says_what_is_missing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    events = mkv_events(seconds=2.0)
+    for cut in range(len(events) - 1, 0, -1):  # the stream stops part-way through a chunk
+        core = CallIngest(CONTACT)
+        feed(core, events[:cut])
+        if len(core.tracks) == 2 and all(t.buffer for t in core.tracks.values()):
+            break
     saved = stored(core.export())
-    later = chunks(feed(core, events[end + 1 : end + 30]))
-    customer = [c for c in later if c.track is Track.FROM_CUSTOMER]
-    hole = customer[1]  # a kill cut the batch: a later record stored, this one not
-    found = [c for c in later if c is not hole]
-    state = stored(advance(saved, CONTACT, found))
-    assert state["tracks"][Track.FROM_CUSTOMER.value]["sequence"] == hole.sequence
-    after = chunks(feed(CallIngest.restore(state), reread_from(events, state)))
-    union = {(c.track, c.sequence): c for c in before + found + after}
-    assert sorted(union.values(), key=lambda c: (c.track.value, c.sequence)) == sorted(
-        reference, key=lambda c: (c.track.value, c.sequence)
-    )
-    # Only what followed the hole on its track is published twice.
-    again = {(c.track, c.sequence) for c in after} & {(c.track, c.sequence) for c in found}
-    assert again and all(t is Track.FROM_CUSTOMER and s > hole.sequence for t, s in again)
+    last = core.finish(EndReason.IDLE_TIMEOUT, "idle", 0)
+    assert len(last) > 2
+    state = advance(saved, CONTACT, last[1:])
+    assert state["ended"] is True
+    assert "are not on the stream" in caplog.text
