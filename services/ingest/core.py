@@ -382,9 +382,10 @@ def advance(
     again.
 
     Still not exact: a publish that outlives the owner's lease (its records
-    may land after this read-back) can repeat its chunks; and a CallEnded
-    stored past a hole of its own batch ends the call with the chunks in the
-    hole missing (logged as a warning).
+    may land after this read-back) can repeat its chunks. A CallEnded past a
+    hole cannot happen (the session publishes it alone, after every chunk
+    is stored); were one found, the chunks in the hole stay missing, with a
+    warning.
     """
     out = _empty_state(contact_id) if state is None else _copy(state)
     chunks: dict[tuple[str, int], AudioChunkCaptured] = {}

@@ -159,7 +159,12 @@ class CallSession:
         finally:
             self.media.release(self.call.stream_arn)
         now_ms = int(self.clock() * 1000)
-        self._publish(self.core.finish(reason, detail, now_ms, self.reconnects))
+        last = self.core.finish(reason, detail, now_ms, self.reconnects)
+        # CallEnded goes out alone, once every chunk before it is stored: in one
+        # batch, a kill could store the CallEnded but not a chunk before it, and a
+        # call read back as ended would never publish that chunk.
+        self._publish(last[:-1])
+        self._publish(last[-1:])
         self._save()
         if self.ownership is not None:
             self.ownership.release()

@@ -278,3 +278,29 @@ def test_a_long_call_runs_in_bounded_memory() -> None:
     assert ended.reason is EndReason.END_OF_STREAM
     assert sink.chunks == 2 * 8 * int(minutes * 60 / 1.024)
     assert peak < 2 * 2**20, f"peak {peak / 2**20:.2f} MiB"
+
+
+def test_call_ended_is_published_alone_after_every_chunk_before_it() -> None:
+    # In one batch a kill could store the CallEnded but not a chunk before it.
+    class BatchSink(ListSink):
+        batches: list[list[Event]]
+
+        def publish(self, events: Any) -> None:
+            self.batches = [*getattr(self, "batches", []), list(events)]
+            super().publish(events)
+
+    customer, agent = pcm(4.0, 7), pcm(4.0, 8)
+    parts = fragments(customer, agent)
+    cut = RetryableError("connection reset")  # then no more media: the call ends mid-fragment
+    media = ScriptedMedia([(parts[0] + parts[1][:9000], cut), (b"", cut), (b"", cut)])
+    sink = BatchSink()
+    call = CallStarted(contact_id=CONTACT, stream_arn=ARN, requested_at_ms=0)
+    clock = FakeClock()
+    session = CallSession(call, media, sink, 128, monotonic=clock, sleep=clock.sleep)
+    session.max_failures = 1
+    ended = session.run()
+    assert ended.reason is EndReason.ERROR
+    ends = [b for b in sink.batches if any(isinstance(e, CallEnded) for e in b)]
+    assert len(ends) == 1 and len(ends[0]) == 1 and sink.batches[-1] == ends[0]
+    flushed = sink.batches[-2]  # the part of the cut fragment still buffered at the end
+    assert flushed and all(isinstance(e, AudioChunkCaptured) for e in flushed)
