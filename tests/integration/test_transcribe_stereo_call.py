@@ -215,7 +215,9 @@ def test_a_failure_mid_call_loses_no_word_on_either_track_and_repeats_none(
     check_each_word_once_on_its_track_at_its_time(sink.events)
     streams = server.streams[before:]
     assert streams[0].fault == fault
-    assert streams[0].audio_bytes < 2 * 40_000 * 16, "the fault struck late"
+    # The fault struck after 24-30 s of the call's audio had been taken in (by audio
+    # time, so mid-call whatever the load); how far the client had sent meanwhile
+    # depends on how far the endpoint's decoding lagged, so it is not asserted.
     # Both tracks reopened into one new stereo stream, which heard less than the call.
     assert len(streams) == 2 and streams[1].channels == 2
     assert streams[1].audio_bytes < 2 * (48_540 - 8_000) * 16
