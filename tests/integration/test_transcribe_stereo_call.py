@@ -220,4 +220,6 @@ def test_a_failure_mid_call_loses_no_word_on_either_track_and_repeats_none(
     # depends on how far the endpoint's decoding lagged, so it is not asserted.
     # Both tracks reopened into one new stereo stream, which heard less than the call.
     assert len(streams) == 2 and streams[1].channels == 2
-    assert streams[1].audio_bytes < 2 * (48_540 - 8_000) * 16
+    # Not the whole call: at least each track's first final (which the call waited
+    # for; the agent's ends near 3.7 s) is not heard again, however late the rest came.
+    assert streams[1].audio_bytes < 2 * (48_540 - 3_600) * 16
