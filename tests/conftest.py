@@ -50,3 +50,17 @@ def _shared_boto_session(emulator: Emulator) -> Any:
 def aws_session(aws_env: dict[str, str], _shared_boto_session: Any) -> Any:
     """A boto3 Session that reaches the emulator through AWS_ENDPOINT_URL."""
     return _shared_boto_session
+
+
+@pytest.fixture
+def trust_local_transcribe(monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Point an unchanged Transcribe SDK client at a `LocalTranscribeServer` (its env)."""
+
+    def apply(server: Any) -> None:
+        for name, value in server.client_env().items():
+            if value is None:
+                monkeypatch.delenv(name, raising=False)
+            else:
+                monkeypatch.setenv(name, value)
+
+    return apply

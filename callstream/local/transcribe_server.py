@@ -803,6 +803,21 @@ class LocalTranscribeServer:
             raise RuntimeError("the local Transcribe endpoint is not running")
         return self._address
 
+    def client_env(self) -> dict[str, str | None]:
+        """Environment for an unchanged SDK client of this endpoint (None: unset it).
+
+        Dummy static credentials (the endpoint does not check signatures) and
+        the CA to trust, which awscrt reads when a client's TLS context is made.
+        """
+        return {
+            "AWS_SESSION_TOKEN": None,
+            "AWS_PROFILE": None,
+            "AWS_CONFIG_FILE": None,
+            "AWS_ACCESS_KEY_ID": "AKIDLOCALTEST",
+            "AWS_SECRET_ACCESS_KEY": "local-test-secret",
+            "SSL_CERT_FILE": str(self.address.ca_file),
+        }
+
     @property
     def streams(self) -> list[StreamRecord]:
         """Snapshots of every stream started so far, in order."""

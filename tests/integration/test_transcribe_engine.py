@@ -178,13 +178,8 @@ def server(request: pytest.FixtureRequest) -> Iterator[LocalTranscribeServer]:
 
 
 @pytest.fixture
-def aws_env(server: LocalTranscribeServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLOCALTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-test-secret")
-    # awscrt reads this when the engine's client builds its TLS context.
-    monkeypatch.setenv("SSL_CERT_FILE", str(server.address.ca_file))
+def aws_env(server: LocalTranscribeServer, trust_local_transcribe: Any) -> None:
+    trust_local_transcribe(server)
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ import time
 import wave
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import jiwer
 import pytest
@@ -91,13 +92,9 @@ def server() -> Iterator[LocalTranscribeServer]:
 
 @pytest.fixture
 def engine(
-    server: LocalTranscribeServer, monkeypatch: pytest.MonkeyPatch
+    server: LocalTranscribeServer, trust_local_transcribe: Any
 ) -> Iterator[TranscribeEngine]:
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLOCALTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-test-secret")
-    monkeypatch.setenv("SSL_CERT_FILE", str(server.address.ca_file))
+    trust_local_transcribe(server)
     with TranscribeEngine("us-east-1", endpoint_url=server.address.url) as running:
         yield running
 

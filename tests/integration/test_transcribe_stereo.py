@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -40,13 +41,9 @@ def server(request: pytest.FixtureRequest) -> Iterator[LocalTranscribeServer]:
 
 @pytest.fixture
 def transcribe(
-    server: LocalTranscribeServer, monkeypatch: pytest.MonkeyPatch
+    server: LocalTranscribeServer, trust_local_transcribe: Any
 ) -> Iterator[TranscribeEngine]:
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLOCALTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-test-secret")
-    monkeypatch.setenv("SSL_CERT_FILE", str(server.address.ca_file))
+    trust_local_transcribe(server)
     with TranscribeEngine("us-east-1", endpoint_url=server.address.url) as running:
         yield running
 

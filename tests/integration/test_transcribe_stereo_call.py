@@ -18,6 +18,7 @@ import time
 import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import jiwer
 import pytest
@@ -80,13 +81,9 @@ def server() -> Iterator[LocalTranscribeServer]:
 
 @pytest.fixture
 def engine(
-    server: LocalTranscribeServer, monkeypatch: pytest.MonkeyPatch
+    server: LocalTranscribeServer, trust_local_transcribe: Any
 ) -> Iterator[StereoTranscribeEngine]:
-    for name in ("AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_CONFIG_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDLOCALTEST")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-test-secret")
-    monkeypatch.setenv("SSL_CERT_FILE", str(server.address.ca_file))
+    trust_local_transcribe(server)
     transcribe = TranscribeEngine("us-east-1", endpoint_url=server.address.url)
     with StereoTranscribeEngine(transcribe, rejoin_wait_s=5.0) as running:
         yield running
