@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("hypercorn", reason="the local Transcribe endpoint needs hypercorn")
 
-from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE, Hypothesis, Word
+from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE, Hypothesis, RecognitionStream, Word
 from callstream.asr.errors import (
     FatalSpeechError,
     RetryableSpeechError,
@@ -154,7 +154,8 @@ def poll_until_finals(stream: TranscribeStream, count: int) -> list[Hypothesis]:
     return seen
 
 
-def poll_until_error(stream: TranscribeStream) -> tuple[list[Hypothesis], SpeechEngineError]:
+def poll_until_error(stream: RecognitionStream) -> tuple[list[Hypothesis], SpeechEngineError]:
+    """Poll (any recognition stream, stereo handles too) until it raises; what came first."""
     seen: list[Hypothesis] = []
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:

@@ -15,10 +15,16 @@ import pytest
 
 pytest.importorskip("hypercorn", reason="the local Transcribe endpoint needs hypercorn")
 
-from test_transcribe_engine import BYTES_PER_MS, SegmentingTestEngine, chunks, tone
+from test_transcribe_engine import (
+    BYTES_PER_MS,
+    SegmentingTestEngine,
+    chunks,
+    poll_until_error,
+    tone,
+)
 
 from callstream.asr.base import Hypothesis
-from callstream.asr.errors import RetryableSpeechError, SpeechEngineError
+from callstream.asr.errors import RetryableSpeechError
 from callstream.asr.stereo import StereoHandle, StereoTranscribeEngine
 from callstream.asr.transcribe import TranscribeEngine
 from callstream.local.transcribe_server import Fault, LocalTranscribeServer
@@ -77,18 +83,6 @@ def poll_until(
         seen.extend(handle.poll())
         time.sleep(0.01)
     return seen
-
-
-def poll_until_error(handle: StereoHandle) -> tuple[list[Hypothesis], SpeechEngineError]:
-    seen: list[Hypothesis] = []
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        try:
-            seen.extend(handle.poll())
-        except SpeechEngineError as error:
-            return seen, error
-        time.sleep(0.01)
-    raise AssertionError(f"poll() never raised; got {seen}")
 
 
 def finals(hypotheses: list[Hypothesis]) -> list[tuple[int, int]]:
