@@ -24,6 +24,8 @@ _FALSE = {"false", "0", "no", "off", ""}
 _REGION = re.compile(r"^[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,255}$")
+_PIN = re.compile(r"^(?P<name>[A-Za-z_][\w.]*)=v?(?P<version>\d+)$")
+WRITER_SCHEMAS = "CALLSTREAM_WRITER_SCHEMAS"  # Record=version,...: pinned producer versions
 
 
 class Env:
@@ -81,6 +83,24 @@ class Env:
             raise ConfigError(f"{name} must be a stream/table name ([A-Za-z0-9_.-]), got {value!r}")
         return value
 
+    def pins(self, name: str) -> dict[str, int]:
+        """`Record=version,...` (e.g. `AudioChunkCaptured=1,CallEnded=1`); empty: no pins."""
+        raw = self._env.get(name, "")
+        pins: dict[str, int] = {}
+        for item in (part.strip() for part in raw.split(",")):
+            if not item:
+                continue
+            match = _PIN.match(item.replace(" ", ""))
+            if match is None:
+                raise ConfigError(
+                    f"{name} must be Record=version pairs separated by commas "
+                    f"(e.g. AudioChunkCaptured=1,CallEnded=1), got {item!r}"
+                )
+            if match["name"] in pins:
+                raise ConfigError(f"{name} pins {match['name']} twice")
+            pins[match["name"]] = int(match["version"])
+        return pins
+
     def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
         """One of a fixed set of values (case-insensitive)."""
         value = self.text(name, default)
@@ -103,10 +123,12 @@ class BusSettings:
     worker_id: str
     poll_interval_ms: int
     progress_table: str = "callstream-progress"
+    writer_pins: tuple[tuple[str, int], ...] = ()  # what default_contract() writes, if pinned
 
     @classmethod
     def from_env(cls, env: Env) -> BusSettings:
-        """Read CALLSTREAM_*_STREAM, CALLSTREAM_{LEASE,PROGRESS}_TABLE and APP_REGION."""
+        """Read CALLSTREAM_*_STREAM, CALLSTREAM_{LEASE,PROGRESS}_TABLE, APP_REGION and the
+        writer pins (CALLSTREAM_WRITER_SCHEMAS, checked against the schema files)."""
         return cls(
             region=env.region("APP_REGION", os.environ.get("AWS_DEFAULT_REGION", "us-east-1")),
             calls_stream=env.name("CALLSTREAM_CALLS_STREAM", "callstream-calls"),
@@ -117,7 +139,25 @@ class BusSettings:
             worker_id=env.text("CALLSTREAM_WORKER_ID", f"{socket.gethostname()}-{os.getpid()}"),
             poll_interval_ms=env.integer("CALLSTREAM_POLL_INTERVAL_MS", 200, minimum=10),
             progress_table=env.name("CALLSTREAM_PROGRESS_TABLE", "callstream-progress"),
+            writer_pins=writer_pins(env),
         )
+
+
+def writer_pins(env: Env) -> tuple[tuple[str, int], ...]:
+    """CALLSTREAM_WRITER_SCHEMAS, each pin checked to name a schema file that exists.
+
+    `default_contract()` applies the same variable; reading it here too makes a
+    bad pin stop the service at start-up, with the settings' other errors."""
+    # contract.py reads its pins through this module: imported here, not at the top.
+    from callstream.contract import Contract
+
+    pins = env.pins(WRITER_SCHEMAS)
+    if pins:
+        try:
+            Contract(pins=pins)
+        except ConfigError as e:
+            raise ConfigError(f"{WRITER_SCHEMAS}: {e}") from e
+    return tuple(sorted(pins.items()))
 
 
 @dataclass(frozen=True)

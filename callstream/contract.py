@@ -7,6 +7,12 @@ This is the only module that knows the wire format of a Kinesis record:
 A reader looks the fingerprint up among every schema version it knows and
 resolves the writer's schema to its own (the newest version of that record),
 so old and new producers and consumers coexist. Schemas are parsed once.
+
+A writer writes the newest version of each record unless pinned to an older
+one (`CALLSTREAM_WRITER_SCHEMAS=AudioChunkCaptured=1`, read once by
+`default_contract()`), so producers can be rolled out before their consumers.
+A fingerprint this process does not know raises `UnknownWriterSchema`: the
+consumer loop pauses the shard instead of dead-lettering (docs/schema-rollouts.md).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -23,7 +30,8 @@ import fastavro
 from fastavro.schema import fingerprint, parse_schema, to_parsing_canonical_form
 
 from callstream import events
-from callstream.errors import PoisonRecordError
+from callstream.config import WRITER_SCHEMAS, Env
+from callstream.errors import ConfigError, PoisonRecordError, UnknownWriterSchema
 
 MAGIC = b"\xc3\x01"
 HEADER_LENGTH = 10
@@ -43,9 +51,16 @@ class SchemaVersion:
 
 
 class Contract:
-    """Encodes events to framed Avro and decodes framed Avro to events."""
+    """Encodes events to framed Avro and decodes framed Avro to events.
 
-    def __init__(self, schemas_dir: Path = SCHEMAS_DIR) -> None:
+    `pins` maps a record name (`AudioChunkCaptured` or its full name) to the
+    version to write instead of the newest; an unknown name or version is a
+    ConfigError. Reading always resolves to the newest version.
+    """
+
+    def __init__(
+        self, schemas_dir: Path = SCHEMAS_DIR, pins: Mapping[str, int] | None = None
+    ) -> None:
         self.versions = _load_versions(schemas_dir)
         self._by_fingerprint = {v.fingerprint: v for v in self.versions}
         self._latest: dict[str, SchemaVersion] = {}
@@ -55,14 +70,36 @@ class Contract:
         missing = set(self._classes) - set(self._latest)
         if missing:
             raise RuntimeError(f"no schema file for events {sorted(missing)} in {schemas_dir}")
+        self._writer = {**self._latest, **self._pinned(pins or {})}
 
     def writer_schema(self, full_name: str) -> SchemaVersion:
-        """The version this process writes for a record name: the newest."""
-        return self._latest[full_name]
+        """The version this process writes for a record name: the newest, or its pin."""
+        return self._writer[full_name]
+
+    def _pinned(self, pins: Mapping[str, int]) -> dict[str, SchemaVersion]:
+        by_short = {name.rsplit(".", 1)[-1]: name for name in self._latest}
+        pinned: dict[str, SchemaVersion] = {}
+        for name, version in pins.items():
+            full_name = name if name in self._latest else by_short.get(name)
+            if full_name is None:
+                raise ConfigError(
+                    f"pin {name}={version}: no record of that name "
+                    f"(known: {', '.join(sorted(by_short))})"
+                )
+            found = [v for v in self.versions if v.full_name == full_name]
+            chosen = [v for v in found if v.version == version]
+            if not chosen:
+                have = ", ".join(f"v{v.version}" for v in sorted(found, key=lambda v: v.version))
+                raise ConfigError(
+                    f"pin {name}={version}: no schema file "
+                    f"{full_name.rsplit('.', 1)[-1]}.v{version}.avsc (have {have})"
+                )
+            pinned[full_name] = chosen[0]
+        return pinned
 
     def encode(self, event: events.Event) -> bytes:
         """Frame one event as an Avro single-object record."""
-        schema = self._latest[event.schema_name]
+        schema = self._writer[event.schema_name]
         buf = io.BytesIO()
         buf.write(MAGIC)
         buf.write(schema.fingerprint)
@@ -95,7 +132,7 @@ class Contract:
         fp = bytes(data[2:HEADER_LENGTH])
         writer = self._by_fingerprint.get(fp)
         if writer is None:
-            raise PoisonRecordError(f"unknown schema fingerprint {fp.hex()}: no schema file has it")
+            raise UnknownWriterSchema(fp.hex())
         return writer
 
 
@@ -127,5 +164,10 @@ def _load_versions(schemas_dir: Path) -> list[SchemaVersion]:
 
 @cache
 def default_contract() -> Contract:
-    """The process-wide contract, parsed on first use."""
-    return Contract()
+    """The process-wide contract, parsed on first use, writing the pinned versions of
+    `CALLSTREAM_WRITER_SCHEMAS` (services validate it at start-up: `BusSettings`)."""
+    pins = Env().pins(WRITER_SCHEMAS)
+    try:
+        return Contract(pins=pins)
+    except ConfigError as e:
+        raise ConfigError(f"{WRITER_SCHEMAS}: {e}") from e
