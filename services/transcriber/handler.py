@@ -13,6 +13,17 @@ was settled before, or not transcribed (whose progress is saved at its
 CallStarted), so it is skipped too: an enabled call without saved progress
 keeps its CallStarted in the replay.
 
+Commit after the effect: what the core emits waits in the call's outbox
+until the sink has taken it; a failed publish (raised, so the loop retries
+the record or the tick) leaves it there, and the next attempt publishes it
+first. Progress is saved, and a call retired as done, only with its outbox
+empty: the saved state never claims a final the stream does not hold.
+
+Resume points only move forward in the shard: a call resumes at the
+earliest shard position among the chunks its saved finals do not cover
+(and its CallEnded, once seen), never at one chunk's position, since a
+producer that retried part of a batch may have stored a later chunk first.
+
 The handler passes the monotonic clock to the core, which decides retries
 and keep-alives. A call is settled once its last segments and its CallEnded
 are published.
@@ -29,7 +40,13 @@ from typing import Any
 
 from callstream.asr.base import SpeechEngine
 from callstream.bus.ports import EventSink, Record
-from callstream.events import AudioChunkCaptured, CallStarted, Event, TranscriptSegmentProduced
+from callstream.events import (
+    AudioChunkCaptured,
+    CallEnded,
+    CallStarted,
+    Event,
+    TranscriptSegmentProduced,
+)
 from callstream.progress import ProgressStore
 from services.transcriber.core import CallTranscription
 from services.transcriber.recovery import RecoveryPolicy
@@ -45,6 +62,7 @@ class _CallRecords:
 
     chunks: dict[tuple[str, int], Position] = field(default_factory=dict)
     last: Position | None = None
+    ended: Position | None = None
     saved: dict[str, Any] | None = None
     save_pending: bool = False
     saved_at: float = float("-inf")
@@ -72,6 +90,7 @@ class TranscriberHandler:
         self.save_interval_s = save_interval_s
         self.calls: dict[str, CallTranscription] = {}
         self.records: dict[str, _CallRecords] = {}
+        self.outbox: dict[str, list[Event]] = {}  # emitted, not yet published
         self.done: OrderedDict[str, None] = OrderedDict()
 
     def handle(self, event: Event, record: Record) -> None:
@@ -90,14 +109,20 @@ class TranscriberHandler:
         return contact_id in self.done
 
     def resume_point(self, contact_id: str) -> Position | None:
-        """The first record a restart needs: the chunk where saved finals end, per track."""
+        """The first record a restart needs: the earliest position of a chunk the
+        saved finals do not cover (any track), or of the CallEnded once seen."""
         records = self.records.get(contact_id)
         if records is None or records.saved is None or records.last is None:
             return None
+        firsts = _resume_sequences(records.saved)
         points = [
-            records.chunks.get((track, saved["resume_sequence"]), records.last)
-            for track, saved in records.saved["tracks"].items()
-        ] or [records.last]
+            position
+            for (track, sequence), position in records.chunks.items()
+            if records.saved["enabled"] and sequence >= firsts.get(track, 0)
+        ]
+        if records.ended is not None:
+            points.append(records.ended)
+        points = points or [records.last]  # all covered: what comes next is unread
         if len({shard for shard, _ in points}) > 1:
             return None  # the call crossed a reshard: keep its first record
         return min(points, key=lambda p: int(p[1]))
@@ -105,14 +130,12 @@ class TranscriberHandler:
     def tick(self) -> None:
         for call in list(self.calls.values()):
             self._publish(call, call.poll(self.clock()))
-            records = self.records.get(call.contact_id)
-            if records is not None and records.save_pending:
-                self._save(call, due_only=True)
 
     def forget(self, contact_ids: Iterable[str]) -> None:
         for contact_id in contact_ids:
             self.calls.pop(contact_id, None)
             self.records.pop(contact_id, None)
+            self.outbox.pop(contact_id, None)  # the new owner replays what made it
 
     # --- calls met for the first time -----------------------------------------------
 
@@ -141,17 +164,29 @@ class TranscriberHandler:
         records.last = position
         if isinstance(event, AudioChunkCaptured):
             records.chunks.setdefault((event.track.value, event.sequence), position)
+        elif isinstance(event, CallEnded) and records.ended is None:
+            records.ended = position
 
     # --- results out, progress saved ----------------------------------------------
 
     def _publish(self, call: CallTranscription, events: list[Event]) -> None:
-        if events:
-            self.sink.publish(events)
+        """Publish the call's outbox with `events` appended; then save and retire.
+
+        A failed publish raises with the outbox intact: the retry publishes it
+        first, and the core (which has moved on) is never asked again."""
+        box = self.outbox.setdefault(call.contact_id, [])
+        box.extend(events)
+        if box:
+            self.sink.publish(box)
+            published, self.outbox[call.contact_id] = box, []
+        else:
+            published = []
         records = self.records.get(call.contact_id)
         if records is not None and any(
-            isinstance(e, TranscriptSegmentProduced) and not e.is_partial for e in events
+            isinstance(e, TranscriptSegmentProduced) and not e.is_partial for e in published
         ):
             records.save_pending = True
+        if records is not None and records.save_pending:
             self._save(call, due_only=True)
         if call.done:
             self._save(call)
@@ -161,7 +196,7 @@ class TranscriberHandler:
     def _save(self, call: CallTranscription, *, due_only: bool = False) -> None:
         """Save the call's progress (raises RetryableError: the loop retries)."""
         records = self.records.get(call.contact_id)
-        if self.progress is None or records is None:
+        if self.progress is None or records is None or self.outbox.get(call.contact_id):
             return
         now = self.clock()
         if due_only and now - records.saved_at < self.save_interval_s:
@@ -174,15 +209,21 @@ class TranscriberHandler:
     def _prune(self, records: _CallRecords) -> None:
         """Forget where chunks before the saved resume points are: never needed again."""
         assert records.saved is not None
-        firsts = {t: s["resume_sequence"] for t, s in records.saved["tracks"].items()}
+        firsts = _resume_sequences(records.saved)
         for key in [k for k in records.chunks if k[1] < firsts.get(k[0], 0)]:
             del records.chunks[key]
 
     def _retire(self, contact_id: str) -> None:
         self.records.pop(contact_id, None)
+        self.outbox.pop(contact_id, None)
         self.done[contact_id] = None
         while len(self.done) > _DONE_MEMORY:
             self.done.popitem(last=False)
+
+
+def _resume_sequences(state: dict[str, Any]) -> dict[str, int]:
+    """Per track, the first chunk sequence the saved finals do not wholly cover."""
+    return {track: saved["resume_sequence"] for track, saved in state["tracks"].items()}
 
 
 def _version(state: dict[str, Any]) -> int:
