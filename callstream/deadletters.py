@@ -23,6 +23,10 @@ stream (transcriber and recorder on the audio stream) each dead-letter the
 same record; it goes back once, and both see it again. The ledger item is
 written after the put: if the process dies in between, the next redrive puts
 the record again, which the services' idempotent outputs absorb.
+
+AWS errors come out classified (`callstream.awserrors`): `ConfigurationFault`
+for a missing stream or ledger table or denied access, `StoreUnavailable`
+when throttling outlasts the SDK's retries; run the command again then.
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import BotoCoreError, ClientError
 
+from callstream.awserrors import classify
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import now_ms
 from callstream.contract import Contract, default_contract
@@ -164,7 +169,10 @@ def _shards(kinesis: Any, stream: str) -> list[str]:
     shards: list[str] = []
     kwargs: dict[str, Any] = {"StreamName": stream}
     while True:
-        page = kinesis.list_shards(**kwargs)
+        try:
+            page = kinesis.list_shards(**kwargs)
+        except (ClientError, BotoCoreError) as e:
+            raise classify(e, what=f"listing the shards of {stream}") from e
         shards.extend(shard["ShardId"] for shard in page["Shards"])
         if not page.get("NextToken"):
             return shards
@@ -173,11 +181,18 @@ def _shards(kinesis: Any, stream: str) -> list[str]:
 
 def _shard_records(kinesis: Any, stream: str, shard: str) -> Iterator[dict[str, Any]]:
     """Every record of one shard, from its oldest to the current end."""
-    iterator = kinesis.get_shard_iterator(
-        StreamName=stream, ShardId=shard, ShardIteratorType="TRIM_HORIZON"
-    )["ShardIterator"]
+    what = f"reading {stream}/{shard}"
+    try:
+        iterator = kinesis.get_shard_iterator(
+            StreamName=stream, ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
+    except (ClientError, BotoCoreError) as e:
+        raise classify(e, what=what) from e
     while iterator:
-        response = kinesis.get_records(ShardIterator=iterator, Limit=1000)
+        try:
+            response = kinesis.get_records(ShardIterator=iterator, Limit=1000)
+        except (ClientError, BotoCoreError) as e:
+            raise classify(e, what=what) from e
         yield from response["Records"]
         if not response["Records"] and response.get("MillisBehindLatest", 0) == 0:
             return
@@ -189,7 +204,10 @@ def _ledger_key(entry: DeadLetterEntry) -> dict[str, Any]:
 
 
 def _redriven(dynamodb: Any, table: str, entry: DeadLetterEntry) -> bool:
-    item = dynamodb.get_item(TableName=table, Key=_ledger_key(entry), ConsistentRead=True)
+    try:
+        item = dynamodb.get_item(TableName=table, Key=_ledger_key(entry), ConsistentRead=True)
+    except (ClientError, BotoCoreError) as e:
+        raise classify(e, what=f"reading the redrive ledger in {table}") from e
     return "Item" in item
 
 
@@ -206,4 +224,6 @@ def _record(dynamodb: Any, table: str, entry: DeadLetterEntry) -> None:
         )
     except ClientError as e:
         if e.response["Error"]["Code"] != "ConditionalCheckFailedException":
-            raise
+            raise classify(e, what=f"writing the redrive ledger in {table}") from e
+    except BotoCoreError as e:
+        raise classify(e, what=f"writing the redrive ledger in {table}") from e

@@ -28,6 +28,11 @@ the call while working): what it did after its last save is then unknown to
 the state, and the new owner must look for it. Heartbeat times are written
 by the instances' clocks, so those must be roughly in sync (NTP), as for the
 shard leases.
+
+DynamoDB errors are classified where they enter (`callstream.awserrors`):
+throttling and 5xx raise `StoreUnavailable` (a `RetryableError`), a missing
+table or denied access `ConfigurationFault`, a state DynamoDB refuses (over
+400 KB) `PoisonRecordError`. A failed condition is an answer, not an error.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from typing import Any, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.aws import ensure_table
-from callstream.errors import RetryableError
+from callstream.awserrors import classify
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +126,7 @@ class DynamoProgress:
                 ConsistentRead=True,
             ).get("Item")
         except (ClientError, BotoCoreError) as e:
-            raise RetryableError(f"cannot read progress of {contact_id}: {e}") from e
+            raise classify(e, what=f"reading progress of {contact_id} from {self.table}") from e
         if item is None or "state" not in item:
             return None
         state: dict[str, Any] = json.loads(item["state"]["S"])
@@ -143,9 +148,9 @@ class DynamoProgress:
         except ClientError as e:
             if e.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 return False
-            raise RetryableError(f"cannot save progress of {contact_id}: {e}") from e
+            raise classify(e, what=f"saving progress of {contact_id} to {self.table}") from e
         except BotoCoreError as e:
-            raise RetryableError(f"cannot save progress of {contact_id}: {e}") from e
+            raise classify(e, what=f"saving progress of {contact_id} to {self.table}") from e
         return True
 
     # --- ownership ----------------------------------------------------------------
@@ -222,7 +227,7 @@ class DynamoProgress:
                 ConsistentRead=True,
             ).get("Item")
         except (ClientError, BotoCoreError) as e:
-            raise RetryableError(f"cannot read progress of {contact_id}: {e}") from e
+            raise classify(e, what=f"reading progress of {contact_id} from {self.table}") from e
         return item
 
     def _write(self, contact_id: str, update: str, condition: str, values: dict[str, Any]) -> bool:
@@ -240,9 +245,9 @@ class DynamoProgress:
         except ClientError as e:
             if e.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 return False
-            raise RetryableError(f"cannot write progress of {contact_id}: {e}") from e
+            raise classify(e, what=f"writing progress of {contact_id} to {self.table}") from e
         except BotoCoreError as e:
-            raise RetryableError(f"cannot write progress of {contact_id}: {e}") from e
+            raise classify(e, what=f"writing progress of {contact_id} to {self.table}") from e
         return True
 
     def _ttl(self) -> dict[str, str]:

@@ -3,7 +3,10 @@
 Failed entries of a batch (throttling, internal errors) are retried with
 jittered exponential backoff until a deadline; nothing is dropped silently:
 if the deadline passes, `StoreUnavailable` is raised and the caller does not
-checkpoint, so the input is replayed.
+checkpoint, so the input is replayed. Errors no retry mends are raised at
+once, classified by `callstream.awserrors`: `ConfigurationFault` (a missing
+stream, access denied, the stream's KMS key denied or disabled, also as a
+per-entry error code) or `PoisonRecordError` (a record Kinesis refuses).
 """
 
 from __future__ import annotations
@@ -16,22 +19,15 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from callstream.awserrors import Outcome, classify, outcome_of_code
 from callstream.contract import Contract, default_contract
-from callstream.errors import StoreUnavailable
+from callstream.errors import ConfigurationFault, RetryableError, StoreUnavailable
 from callstream.events import Event, partition_key
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 5 * 1024 * 1024
-_RETRYABLE_CODES = {
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "LimitExceededException",
-    "InternalFailure",
-    "ServiceUnavailable",
-    "KMSThrottlingException",
-}
 
 
 def backoff_delays(base_s: float = 0.05, cap_s: float = 2.0) -> Any:
@@ -86,26 +82,33 @@ class KinesisPublisher:
         entries = [{"PartitionKey": key, "Data": data} for key, data in batch]
         try:
             response = self.client.put_records(StreamName=self.stream, Records=entries)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in _RETRYABLE_CODES:
-                log.warning("put_records throttled", extra={"stream": self.stream})
-                return batch
-            raise StoreUnavailable(f"put_records to {self.stream} failed: {code}: {e}") from e
-        except BotoCoreError as e:
-            log.warning("put_records connection error: %s", e, extra={"stream": self.stream})
+        except (ClientError, BotoCoreError) as e:
+            error = classify(e, what=f"put_records to {self.stream}")
+            if not isinstance(error, RetryableError):
+                raise error from e
+            log.warning("put_records retried: %s", error, extra=self._log_extra)
             return batch
         if not response.get("FailedRecordCount"):
             return []
-        failed = [
-            item
-            for item, result in zip(batch, response["Records"], strict=True)
-            if "ErrorCode" in result
-        ]
+        results = list(zip(batch, response["Records"], strict=True))
+        for _, result in results:
+            self._check_entry(result)
+        failed = [item for item, result in results if "ErrorCode" in result]
         log.info(
             "retrying %d of %d records", len(failed), len(batch), extra={"stream": self.stream}
         )
         return failed
+
+    def _check_entry(self, result: dict[str, Any]) -> None:
+        """Raise for a per-entry error code no retry mends (the stream's KMS key).
+
+        PutRecords reports only throughput, internal and KMS errors per entry;
+        an unknown code is retried, as those are."""
+        code = result.get("ErrorCode")
+        if code and outcome_of_code(code) is Outcome.STOP:
+            raise ConfigurationFault(
+                f"put_records to {self.stream} failed: {code}: {result.get('ErrorMessage', '')}"
+            )
 
 
 def _batches(items: Sequence[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:

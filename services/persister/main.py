@@ -6,6 +6,15 @@ backoff); a call with buffered rows is unsettled, and the loop flushes before
 every checkpoint, so a record is checkpointed only once its row is stored.
 Partials keep their conditional PutItem (never over a final), written at
 once: a final buffered behind them overwrites them when flushed.
+
+DynamoDB errors are classified where they enter (`callstream.awserrors`):
+throttling and 5xx back off and retry, a configuration fault (the table
+missing, access denied) stops the service. A row DynamoDB refuses (over its
+400 KB item limit, a value it rejects) fails the whole BatchWriteItem; the
+batch is then written row by row to find it, and the flush raises
+`PoisonRecordError` naming the record it came from. That call stays unsettled
+until the loop has stored the dead letter (`dead_lettered`, see
+`callstream.runtime.Rejecting`); the other rows are written.
 """
 
 from __future__ import annotations
@@ -19,24 +28,19 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream import aws
 from callstream import log as logsetup
+from callstream.awserrors import classify
 from callstream.bus.kinesis import backoff_delays
 from callstream.bus.ports import Record
 from callstream.config import PersisterSettings
-from callstream.errors import StoreUnavailable
+from callstream.errors import PoisonRecordError, RetryableError, StoreUnavailable
 from callstream.events import Event, TranscriptSegmentProduced
 from callstream.service import load_settings, run_service
 from services.persister.core import PutRow, RowPolicy, rows_for
 
 log = logging.getLogger(__name__)
+RowKey = tuple[str, str, Any]  # (table, ContactId, StartTime)
 BATCH_ITEMS = 25  # the BatchWriteItem limit
 FLUSH_AT = 100  # buffered finals that trigger a flush within a batch of records
-_THROTTLED = {
-    "ProvisionedThroughputExceededException",
-    "ThrottlingException",
-    "RequestLimitExceeded",
-    "InternalServerError",
-    "ServiceUnavailable",
-}
 
 
 class PersisterHandler:
@@ -50,7 +54,9 @@ class PersisterHandler:
         )
         self.deadline_s = 120.0
         # (table, contact, start) -> item; a later final for the same key replaces an earlier one
-        self._pending: dict[tuple[str, str, Any], dict[str, Any]] = {}
+        self._pending: dict[RowKey, dict[str, Any]] = {}
+        self._sources: dict[RowKey, Record] = {}  # the record each pending row came from
+        self._rejected: dict[RowKey, tuple[Record, str]] = {}  # refused rows, dead letter owed
 
     def handle(self, event: Event, record: Record) -> None:
         if self.settings.console_log and isinstance(event, TranscriptSegmentProduced):
@@ -67,22 +73,38 @@ class PersisterHandler:
             else:
                 key = (row.table, row.item["ContactId"], row.item["StartTime"])
                 self._pending[key] = row.item
+                self._sources[key] = record
         if len(self._pending) >= FLUSH_AT:
             self.flush()
 
     def is_settled(self, contact_id: str) -> bool:
-        return not any(key[1] == contact_id for key in self._pending)
+        return not any(key[1] == contact_id for key in (*self._pending, *self._rejected))
 
     def flush(self) -> None:
-        """Write every buffered final with BatchWriteItem; raise StoreUnavailable if it cannot."""
+        """Write every buffered final with BatchWriteItem.
+
+        Raises StoreUnavailable past the deadline, ConfigurationFault at once, and
+        PoisonRecordError naming the record of a row DynamoDB refuses (again at
+        every flush until `dead_lettered`)."""
+        for record, reason in self._rejected.values():
+            raise PoisonRecordError(reason, record)
         while self._pending:
             keys = list(self._pending)[:BATCH_ITEMS]
             requests: dict[str, list[dict[str, Any]]] = {}
             for key in keys:
                 requests.setdefault(key[0], []).append({"PutRequest": {"Item": self._pending[key]}})
-            self._batch_write(requests)
+            try:
+                self._batch_write(requests)
+            except PoisonRecordError:  # one row spoils the batch: find it
+                self._write_singly(keys)
             for key in keys:
-                del self._pending[key]
+                self._pending.pop(key, None)
+                self._sources.pop(key, None)
+
+    def dead_lettered(self, record: Record) -> None:
+        """The loop stored the dead letter of a record whose row was refused."""
+        for key in [k for k, (source, _) in self._rejected.items() if source == record]:
+            del self._rejected[key]
 
     def tick(self) -> None:
         return None
@@ -109,19 +131,33 @@ class PersisterHandler:
         client = self.dynamodb.meta.client
         try:
             response = client.batch_write_item(RequestItems=requests)
-        except ClientError as e:
-            code = e.response.get("Error", {}).get("Code", "")
-            if code in _THROTTLED:
-                log.warning("batch_write_item throttled: %s", code)
-                return requests
-            raise StoreUnavailable(f"DynamoDB batch write failed: {e}") from e
-        except BotoCoreError as e:
-            log.warning("batch_write_item: %s", e)
+        except (ClientError, BotoCoreError) as e:
+            error = classify(e, what=f"DynamoDB batch write to {', '.join(requests)}")
+            if not isinstance(error, RetryableError):
+                raise error from e
+            log.warning("batch_write_item retried: %s", error)
             return requests
         unprocessed: dict[str, list[dict[str, Any]]] = response.get("UnprocessedItems") or {}
         if unprocessed:
             log.info("retrying %d unprocessed rows", sum(len(v) for v in unprocessed.values()))
         return unprocessed
+
+    def _write_singly(self, keys: list[RowKey]) -> None:
+        """Write a refused batch row by row; the row DynamoDB refuses is rejected and raised."""
+        client = self.dynamodb.meta.client
+        for key in keys:
+            try:
+                client.put_item(TableName=key[0], Item=self._pending[key])
+            except (ClientError, BotoCoreError) as e:
+                error = classify(e, what=f"DynamoDB put to {key[0]} of {key[1]} at {key[2]}")
+                if isinstance(error, PoisonRecordError) and self._sources.get(key) is not None:
+                    record = self._sources.pop(key)
+                    del self._pending[key]
+                    self._rejected[key] = (record, error.reason)
+                    raise PoisonRecordError(error.reason, record) from e
+                raise error from e
+            del self._pending[key]
+            self._sources.pop(key, None)
 
     def _put(self, row: PutRow) -> None:
         table = self.dynamodb.Table(row.table)
@@ -134,9 +170,9 @@ class PersisterHandler:
         except ClientError as e:
             if e.response["Error"]["Code"] == "ConditionalCheckFailedException":
                 return  # a final already stands: the partial is stale
-            raise StoreUnavailable(f"DynamoDB put to {row.table} failed: {e}") from e
+            raise classify(e, what=f"DynamoDB put to {row.table}") from e
         except BotoCoreError as e:
-            raise StoreUnavailable(f"DynamoDB put to {row.table} failed: {e}") from e
+            raise classify(e, what=f"DynamoDB put to {row.table}") from e
 
 
 def ensure_tables(dynamodb_client: Any, names: Iterable[str]) -> None:

@@ -8,6 +8,10 @@ two instances that both see a call (a takeover, a stolen lease) never write
 into or delete each other's files. A replay that starts mid-call (after a
 takeover, of a call already settled) ends without all its chunks; if its
 WAVs are in S3, the call is recognised as done and skipped.
+
+S3 errors are classified where they enter (`callstream.awserrors`): SlowDown
+and 5xx retry, a missing bucket or denied access stops the service, an
+object S3 refuses dead-letters the record that completed the call.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream import aws
 from callstream import log as logsetup
+from callstream.awserrors import classify
 from callstream.bus.ports import Record
 from callstream.config import RecorderSettings
-from callstream.errors import StoreUnavailable
 from callstream.events import CallEnded, Event
 from callstream.service import load_settings, run_service
 from services.recorder.core import CallRecording, UploadWav
@@ -93,9 +98,9 @@ class RecorderHandler:
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return False
-            raise StoreUnavailable(f"S3 head of {key} failed: {e}") from e
+            raise classify(e, what=f"S3 head of s3://{self.settings.bucket}/{key}") from e
         except BotoCoreError as e:
-            raise StoreUnavailable(f"S3 head of {key} failed: {e}") from e
+            raise classify(e, what=f"S3 head of s3://{self.settings.bucket}/{key}") from e
         return True
 
     def _upload(self, upload: UploadWav) -> None:
@@ -108,8 +113,8 @@ class RecorderHandler:
             extra["ACL"] = "public-read"
         try:
             self.s3.upload_file(str(path), self.settings.bucket, upload.key, ExtraArgs=extra)
-        except (ClientError, BotoCoreError) as e:
-            raise StoreUnavailable(f"S3 upload of {upload.key} failed: {e}") from e
+        except (ClientError, BotoCoreError, Boto3Error) as e:  # upload_file wraps ClientErrors
+            raise classify(e, what=f"S3 upload to s3://{self.settings.bucket}/{upload.key}") from e
         log.info(
             "stored s3://%s/%s (%d bytes of PCM)",
             self.settings.bucket,

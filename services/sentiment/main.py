@@ -3,6 +3,9 @@
 A new consumer added without touching the other services: it reads the
 transcripts stream under its own lease group (`sentiment`), so it gets every
 record the persister gets, and writes to its own table. See docs/add-a-consumer.md.
+
+AWS errors of the scorer (Comprehend) and the table are classified where they
+enter (`callstream.awserrors`): retry, dead-letter the segment, or stop.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream import aws
 from callstream import log as logsetup
+from callstream.awserrors import classify
 from callstream.bus.ports import Record
 from callstream.config import BusSettings, Env
-from callstream.errors import StoreUnavailable
 from callstream.events import Event
 from callstream.service import load_settings, run_service
 from services.sentiment.core import Scorer, row_for
@@ -61,11 +64,15 @@ class SentimentHandler:
 
     def handle(self, event: Event, record: Record) -> None:
         now_ms = int(time.time() * 1000)
-        for row in row_for(event, self.scorer, self.settings.table, self.settings.ttl_days, now_ms):
+        try:
+            rows = row_for(event, self.scorer, self.settings.table, self.settings.ttl_days, now_ms)
+        except (ClientError, BotoCoreError) as e:  # the Comprehend scorer lets these through
+            raise classify(e, what=f"scoring with {self.scorer.name}") from e
+        for row in rows:
             try:
                 self.table.put_item(Item=row.item)
             except (ClientError, BotoCoreError) as e:
-                raise StoreUnavailable(f"DynamoDB put to {row.table} failed: {e}") from e
+                raise classify(e, what=f"DynamoDB put to {row.table}") from e
 
     def is_settled(self, contact_id: str) -> bool:
         return True
