@@ -22,6 +22,13 @@ checkpoint back for all of it. A handler that saves per-call progress (see
 `Resuming`), from which record a restart needs the call again; the loop then
 keeps that record instead of the call's first.
 
+A record written with a schema version this consumer lacks
+(`UnknownWriterSchema`: producers upgraded before it) is never dead-lettered:
+its shard pauses at that record (`ShardPauses`) while the other shards go on,
+and is read again from it with backoff, so once the consumer has the schema
+(an upgraded contract, a restart) every record is processed as if nothing had
+happened. Nothing of a paused shard is held in memory.
+
 Stopping (SIGTERM): the loop finishes the record in hand, flushes, takes a
 last checkpoint and releases its leases, so another instance resumes at once.
 Retryable failures are still retried for `stop_grace_s` after the stop
@@ -35,13 +42,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
 from callstream.bus.kinesis import backoff_delays
 from callstream.bus.leases import now_ms
 from callstream.bus.ports import RawSink, Record, RecordSource
 from callstream.contract import Contract, default_contract
-from callstream.errors import PoisonRecordError, RetryableError
+from callstream.errors import PoisonRecordError, RetryableError, UnknownWriterSchema
 from callstream.events import AudioChunkCaptured, DeadLetter, Event, TranscriptSegmentProduced
 from callstream.metrics import (
     CALLS_IN_PROGRESS,
@@ -50,6 +58,7 @@ from callstream.metrics import (
     ERRORS,
     RECORDS,
     SEGMENTS,
+    SHARDS_PAUSED,
     Metrics,
 )
 
@@ -115,6 +124,7 @@ class ServiceLoop:
         self._grace_ends: float | None = None
         self._open: dict[str, dict[str, str]] = {}  # shard -> contact -> first unsettled seq
         self._last: dict[str, str] = {}  # shard -> last processed seq
+        self.pauses = ShardPauses()  # shards waiting for a writer schema we lack
 
     def run(self, stop: threading.Event) -> None:
         """Poll until `stop` is set, then checkpoint and release the shards."""
@@ -149,13 +159,51 @@ class ServiceLoop:
     def process(self, records: list[Record], stop: threading.Event | None = None) -> None:
         """Decode and handle records in order; dead-letter what cannot be processed."""
         for record in records:
+            if self.pauses.holds_back(record.shard_id, record.sequence_number):
+                continue  # not kept: read again from the stuck record after the pause
             self.metrics.count(RECORDS, shard=record.shard_id)
-            contact = self._handle_with_retry(record, stop)
+            try:
+                contact = self._handle_with_retry(record, stop)
+            except _ShardPaused as paused:
+                self._pause(record, paused.error)
+                continue
+            self.pauses.passed(record.shard_id, record.sequence_number)
             self._last[record.shard_id] = record.sequence_number
             if contact is not None:
                 self._open.setdefault(record.shard_id, {}).setdefault(
                     contact, record.sequence_number
                 )
+        self._resume_paused()
+
+    def _pause(self, record: Record, error: UnknownWriterSchema) -> None:
+        delay = self.pauses.pause(record.shard_id, record.sequence_number)
+        self.metrics.count(ERRORS, type=type(error).__name__)
+        log.error(
+            "shard paused at record %s, retried in %.0f s: %s",
+            record.sequence_number,
+            delay,
+            error,
+            extra={
+                "shard_id": record.shard_id,
+                "stream": record.stream,
+                "fingerprint": error.fingerprint,
+            },
+        )
+
+    def _resume_paused(self) -> None:
+        """Read paused shards again from their stuck record once their backoff is over."""
+        for shard_id, sequence_number in self.pauses.due():
+            try:
+                self.source.rewind(shard_id, sequence_number)
+            except RetryableError as e:
+                self.pauses.pause(shard_id, sequence_number)
+                log.warning("paused shard not re-read yet: %s", e, extra={"shard_id": shard_id})
+                continue
+            self.pauses.resumed(shard_id)
+            log.info(
+                "re-reading paused shard from %s", sequence_number, extra={"shard_id": shard_id}
+            )
+        self.metrics.gauge(SHARDS_PAUSED, len(self.pauses))
 
     def checkpoint(self) -> None:
         """Checkpoint each shard at its oldest unsettled call, or past its last record."""
@@ -193,6 +241,7 @@ class ServiceLoop:
         """Forget the calls of a shard another instance now owns."""
         contacts = self._open.pop(shard_id, {})
         self._last.pop(shard_id, None)
+        self.pauses.drop(shard_id)
         self.handler.forget(contacts)
 
     def _handle_with_retry(self, record: Record, stop: threading.Event | None) -> str | None:
@@ -224,6 +273,8 @@ class ServiceLoop:
             event = self.contract.decode(record.data)
             self.handler.handle(event, record)
             self._count(event)
+        except UnknownWriterSchema as e:  # not the record's fault: never dead-lettered
+            raise _ShardPaused(e) from e
         except PoisonRecordError as e:
             self._dead_letter(record, e.reason, type(e).__name__)
             return None
@@ -256,3 +307,88 @@ class ServiceLoop:
             extra={"shard_id": record.shard_id, "stream": record.stream},
         )
         self.deadletters.put_raw([(record.partition_key, self.contract.encode(letter))])
+
+
+class _ShardPaused(Exception):
+    """`_handle` found a record this consumer cannot read yet. Not a RetryableError:
+    `_retrying` would retry it in place, holding every shard."""
+
+    def __init__(self, error: UnknownWriterSchema) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+@dataclass
+class _Stuck:
+    """Where a shard waits, how often it was retried, and when it is next."""
+
+    sequence_number: str
+    attempts: int
+    retry_at: float | None  # None: re-read, waiting for the record to come again
+
+
+class ShardPauses:
+    """Shards stopped at a record whose writer schema this consumer lacks.
+
+    Holds no records: a paused shard's later records are dropped as they are
+    polled, and the shard is read again from the stuck record once its backoff
+    (`base_s`, doubling, at most `cap_s`) is over. A shard counts as paused
+    (`len`) from the pause until that record is handled or the shard is lost.
+    """
+
+    def __init__(
+        self, base_s: float = 1.0, cap_s: float = 30.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.base_s = base_s
+        self.cap_s = cap_s
+        self.clock = clock
+        self._stuck: dict[str, _Stuck] = {}
+
+    def holds_back(self, shard_id: str, sequence_number: str) -> bool:
+        """True if this record must wait: its shard is paused, or was read again but this
+        record comes after the stuck one (the rewind did not take: pause again)."""
+        stuck = self._stuck.get(shard_id)
+        if stuck is None:
+            return False
+        if stuck.retry_at is not None:
+            return True
+        if int(sequence_number) > int(stuck.sequence_number):
+            self.pause(shard_id, stuck.sequence_number)
+            return True
+        return False
+
+    def __len__(self) -> int:
+        """Shards stuck behind a record, paused or being read again."""
+        return len(self._stuck)
+
+    def pause(self, shard_id: str, sequence_number: str) -> float:
+        """Stop the shard at this record; the seconds until it is retried."""
+        stuck = self._stuck.get(shard_id)
+        again = stuck is not None and stuck.sequence_number == sequence_number
+        attempts = stuck.attempts + 1 if stuck is not None and again else 0
+        delay = min(self.cap_s, self.base_s * 2 ** min(attempts, 16))
+        self._stuck[shard_id] = _Stuck(sequence_number, attempts, self.clock() + delay)
+        return delay
+
+    def due(self) -> list[tuple[str, str]]:
+        """(shard, stuck record) of every paused shard whose retry time has come."""
+        now = self.clock()
+        return [
+            (shard_id, stuck.sequence_number)
+            for shard_id, stuck in self._stuck.items()
+            if stuck.retry_at is not None and stuck.retry_at <= now
+        ]
+
+    def resumed(self, shard_id: str) -> None:
+        """The source reads the shard again from the stuck record."""
+        self._stuck[shard_id].retry_at = None
+
+    def passed(self, shard_id: str, sequence_number: str) -> None:
+        """A record of the shard was handled: the shard is no longer stuck behind it."""
+        stuck = self._stuck.get(shard_id)
+        if stuck is not None and int(sequence_number) >= int(stuck.sequence_number):
+            del self._stuck[shard_id]
+
+    def drop(self, shard_id: str) -> None:
+        """Another instance owns the shard now."""
+        self._stuck.pop(shard_id, None)

@@ -35,6 +35,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.bus.leases import Lease, LeaseTable, fair_share, now_ms
 from callstream.bus.ports import Record
+from callstream.errors import StoreUnavailable
 from callstream.metrics import ITERATOR_AGE_MS, Metrics
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,28 @@ class KinesisSource:
             return
         if not self.leases.set_checkpoint(lease, sequence_number, inclusive):
             self._lose(shard_id, release=False)
+
+    def rewind(self, shard_id: str, sequence_number: str) -> None:
+        """Read `shard_id` again from this record (inclusive) from the next poll on, for a
+        consumer that paused there. A shard lost since the last poll is left alone (its
+        loss is reported first and its next holding starts at the checkpoint)."""
+        with self._lock:
+            if shard_id not in self._held or shard_id in self._lost:
+                return
+        try:  # without the lock, like every Kinesis request
+            iterator = self.kinesis.get_shard_iterator(
+                StreamName=self.stream,
+                ShardId=shard_id,
+                ShardIteratorType="AT_SEQUENCE_NUMBER",
+                StartingSequenceNumber=sequence_number,
+            )["ShardIterator"]
+        except (ClientError, BotoCoreError) as e:
+            raise StoreUnavailable(
+                f"cannot re-read {self.stream} {shard_id} from {sequence_number}: {e}"
+            ) from e
+        with self._lock:  # polls run on this thread: a loss meanwhile is still in _lost
+            if shard_id in self._held and shard_id not in self._lost:
+                self._iterators[shard_id] = iterator
 
     def close(self) -> None:
         """Stop the heartbeat and release every held lease so another instance takes over."""

@@ -79,6 +79,11 @@ class MemorySource:
         """Remember where the shard resumes."""
         self.checkpoints[shard_id] = (sequence_number, inclusive)
 
+    def rewind(self, shard_id: str, sequence_number: str) -> None:
+        """Poll this shard again from this record (inclusive)."""
+        index = int(shard_id.rsplit("-", 1)[-1])
+        self._next[index] = int(sequence_number) - 1
+
     def close(self) -> None:
         """Nothing to release."""
 

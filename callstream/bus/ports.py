@@ -49,5 +49,9 @@ class RecordSource(Protocol):
     def checkpoint(self, shard_id: str, sequence_number: str, *, inclusive: bool) -> None:
         """Record that processing of `shard_id` may restart at (inclusive) or after this record."""
 
+    def rewind(self, shard_id: str, sequence_number: str) -> None:
+        """Return `shard_id`'s records again from this one (inclusive) at the next poll;
+        a shard no longer held is ignored. Raises RetryableError if it cannot now."""
+
     def close(self) -> None:
         """Release held shards so another instance can take them at once."""
