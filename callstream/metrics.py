@@ -37,6 +37,7 @@ SEGMENTS = "transcript_segments"  # counter, label kind=partial|final
 ERRORS = "errors"  # counter, label type
 DEAD_LETTERS = "dead_letters"  # counter
 RECORDS = "records_processed"  # counter, label shard: records read and handled
+LEASES_FENCED = "leases_fenced"  # counter, label shard: leases dropped, renewal overdue
 SHARDS_PAUSED = "shards_paused"  # gauge: shards waiting for a writer schema this consumer lacks
 NAMESPACE = "callstream"
 MODES = ("emf", "prometheus", "off")

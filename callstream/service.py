@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from callstream import aws
 from callstream.bus.consumer import KinesisSource
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.bus.leases import LeaseTable
+from callstream.bus.leases import LeaseTable, lease_client
 from callstream.config import BusSettings, Env
 from callstream.errors import ConfigError
 from callstream.metrics import start_observability
@@ -66,7 +66,9 @@ def publisher(bus: BusSettings, stream: str) -> KinesisPublisher:
 def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -> None:
     """Consume `stream` with `handler` until SIGTERM/SIGINT."""
     kinesis = aws.client("kinesis", bus.region)
-    leases = LeaseTable(aws.client("dynamodb", bus.region), bus.lease_table)
+    lease_duration = load_settings(lease_ms)
+    # Its own client: a renewal answers within a lease or fails (then the fence acts).
+    leases = LeaseTable(lease_client(bus.region, lease_duration), bus.lease_table)
     leases.ensure_table()
     ensure_stream(kinesis, stream)
     ensure_stream(kinesis, bus.deadletter_stream)
@@ -78,7 +80,7 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
         stream=stream,
         group=service,
         worker_id=bus.worker_id,
-        lease_ms=load_settings(lease_ms),
+        lease_ms=lease_duration,
         on_shard_lost=lambda shard: loop.shard_lost(shard) if loop else None,
         metrics=metrics,
     )

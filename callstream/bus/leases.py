@@ -4,7 +4,8 @@ One item per (application, stream, shard), keyed `<application>/<stream>/<shard>
 so two applications or two streams never share a checkpoint: `owner`,
 `expires_at_ms` (renewed by the owner's heartbeat), `counter` (bumped on every
 change; every write is conditional on the counter the writer last saw, so two
-instances racing for a lease cannot both win), the checkpoint (`checkpoint`,
+instances racing for a lease cannot both win, and every write but a take also
+on the owner it saw, so only the holder writes a checkpoint), the checkpoint (`checkpoint`,
 `checkpoint_inclusive`), `drained` (a closed shard read to its end) and
 `finished` (its every record done). An instance takes free or expired leases
 up to its fair share (shards divided by the live owners it can see), so
@@ -21,7 +22,7 @@ from typing import Any
 
 from botocore.exceptions import ClientError
 
-from callstream.aws import ensure_table as aws_ensure_table
+from callstream import aws
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class LeaseTable:
 
     def ensure_table(self) -> None:
         """Create the table if absent; many instances starting at once may race to create it."""
-        aws_ensure_table(self.client, self.table, ("lease_key", "S"))
+        aws.ensure_table(self.client, self.table, ("lease_key", "S"))
 
     def scan(self, prefix: str) -> list[Lease]:
         """All leases of one application and stream."""
@@ -96,6 +97,7 @@ class LeaseTable:
             lease,
             "SET #o = :o, expires_at_ms = :e, #c = :n",
             {":o": {"S": owner}, ":e": {"N": str(now_ms() + duration_ms)}},
+            held=False,
         )
 
     def release(self, lease: Lease) -> bool:
@@ -116,17 +118,26 @@ class LeaseTable:
         """Note that a closed shard was read to its end (its children may follow)."""
         return self._update(lease, "SET drained = :d, #c = :n", {":d": {"BOOL": True}})
 
-    def _update(self, lease: Lease, expression: str, values: dict[str, Any]) -> bool:
+    def _update(
+        self, lease: Lease, expression: str, values: dict[str, Any], held: bool = True
+    ) -> bool:
+        """Write if nobody changed the lease since we read it (and, if `held`, we own it)."""
         values = {**values, ":old": {"N": str(lease.counter)}, ":n": {"N": str(lease.counter + 1)}}
         names = {"#c": "counter"}
-        if "#o" in expression:
+        condition = "#c = :old"
+        if held:  # the counter alone would do; the owner guards against a recreated item too
+            if lease.owner is None:
+                return False
+            condition += " AND #o = :me"
+            values[":me"] = {"S": lease.owner}
+        if held or "#o" in expression:
             names["#o"] = "owner"
         try:
             response = self.client.update_item(
                 TableName=self.table,
                 Key={"lease_key": {"S": lease.key}},
                 UpdateExpression=expression,
-                ConditionExpression="#c = :old",
+                ConditionExpression=condition,
                 ExpressionAttributeNames=names,
                 ExpressionAttributeValues=values,
                 ReturnValues="ALL_NEW",
@@ -138,6 +149,24 @@ class LeaseTable:
         fresh = _lease_of(response["Attributes"])
         lease.__dict__.update(fresh.__dict__)
         return True
+
+
+def lease_client(region: str, lease_ms: int) -> Any:
+    """A DynamoDB client for the lease table: a request answers well within a lease, or fails.
+
+    The project's default client retries adaptively 8 times with a 30 s read
+    timeout; one hung renewal would then outlive the lease. Here two attempts
+    of at most a third of a lease each (1..5 s): a failed renewal is retried by
+    the next heartbeat, and a lease not renewed in time is fenced (`consumer.py`).
+    """
+    read_s = min(5.0, max(1.0, lease_ms / 3000))
+    return aws.client(
+        "dynamodb",
+        region,
+        retries={"mode": "standard", "total_max_attempts": 2},
+        connect_timeout=min(2.0, read_s),
+        read_timeout=read_s,
+    )
 
 
 def fair_share(shard_count: int, live_owners: int) -> int:
