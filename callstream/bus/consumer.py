@@ -437,6 +437,7 @@ class KinesisSource:
             code = e.response["Error"]["Code"]
             if code != "ExpiredIteratorException":
                 log.warning("get_records: %s", code, extra=extra)
+                return None
             with self._lock:
                 if self._holding.get(read.shard_id) == read.holding:
                     self._iterators.pop(read.shard_id, None)
@@ -482,6 +483,9 @@ class KinesisSource:
     def _finish(self, shard_id: str) -> None:
         lease = self._held.get(shard_id)
         if lease is None:
+            return
+        if self._overdue(shard_id):
+            self._fence(shard_id)
             return
         if not self.leases.set_checkpoint(lease, SHARD_END, False, finished=True):
             self._lose(shard_id, release=False)

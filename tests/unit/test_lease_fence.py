@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from botocore.exceptions import ReadTimeoutError
+from botocore.exceptions import ClientError, ReadTimeoutError
 
 from callstream.bus import consumer, leases
 from callstream.bus.consumer import KinesisSource
@@ -290,6 +290,39 @@ def test_records_read_across_a_freeze_are_dropped_when_the_shard_was_taken_meanw
     assert lost == [first.shard_id]
     taker.close()
     frozen.close()
+
+
+class _ThrottledOnce:
+    """A Kinesis client whose next GetRecords, once `armed`, is throttled."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.armed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def get_records(self, **kwargs: Any) -> Any:
+        if self.armed:
+            self.armed = False
+            error = {"Error": {"Code": "ProvisionedThroughputExceededException", "Message": "slow"}}
+            raise ClientError(error, "GetRecords")
+        return self.client.get_records(**kwargs)
+
+
+def test_a_throttled_read_resumes_where_the_holding_was_without_replaying(
+    stream: tuple[Any, str], table: LeaseTable
+) -> None:
+    kinesis, name = stream
+    throttled = _ThrottledOnce(kinesis)
+    source = _source(throttled, table, name, "a", clock=_Clock())
+    _put(kinesis, name, b"r1")
+    assert _data(source.poll()) == [b"r1"]
+    _put(kinesis, name, b"r2")
+    throttled.armed = True
+    assert source.poll() == []
+    assert _data(source.poll()) == [b"r2"]
+    source.close()
 
 
 def test_only_the_owner_writes_a_checkpoint_even_to_a_recreated_lease_item(
