@@ -39,6 +39,7 @@ DEAD_LETTERS = "dead_letters"  # counter
 RECORDS = "records_processed"  # counter, label shard: records read and handled
 LEASES_FENCED = "leases_fenced"  # counter, label shard: leases dropped, renewal overdue
 SHARDS_PAUSED = "shards_paused"  # gauge: shards waiting for a writer schema this consumer lacks
+CONFIGURATION_FAULTS = "configuration_faults"  # counter: ConfigurationFaults that stopped a loop
 NAMESPACE = "callstream"
 MODES = ("emf", "prometheus", "off")
 

@@ -22,6 +22,13 @@ checkpoint back for all of it. A handler that saves per-call progress (see
 `Resuming`), from which record a restart needs the call again; the loop then
 keeps that record instead of the call's first.
 
+A `ConfigurationFault` (access denied, a missing table, stream or bucket; see
+`callstream.awserrors`) from a handler, its flush or tick, or from publishing
+a dead letter stops the loop: it is logged as critical and counted
+(`configuration_faults`), the record is neither dead-lettered nor passed by
+the checkpoint, the leases are released as on a normal stop, and `run`
+raises it, so the process exits non-zero (`callstream.service`).
+
 A record written with a schema version this consumer lacks
 (`UnknownWriterSchema`: producers upgraded before it) is never dead-lettered:
 its shard pauses at that record (`ShardPauses`) while the other shards go on,
@@ -49,11 +56,17 @@ from callstream.bus.kinesis import backoff_delays
 from callstream.bus.leases import now_ms
 from callstream.bus.ports import RawSink, Record, RecordSource
 from callstream.contract import Contract, default_contract
-from callstream.errors import PoisonRecordError, RetryableError, UnknownWriterSchema
+from callstream.errors import (
+    ConfigurationFault,
+    PoisonRecordError,
+    RetryableError,
+    UnknownWriterSchema,
+)
 from callstream.events import AudioChunkCaptured, DeadLetter, Event, TranscriptSegmentProduced
 from callstream.metrics import (
     CALLS_IN_PROGRESS,
     CHUNKS,
+    CONFIGURATION_FAULTS,
     DEAD_LETTERS,
     ERRORS,
     RECORDS,
@@ -99,6 +112,18 @@ class Resuming(Protocol):
         restart needs again, its effects before it being durable; None: its first record."""
 
 
+@runtime_checkable
+class Rejecting(Protocol):
+    """Optional extension of a Flushing handler whose flush can reject one record's effects.
+
+    Its flush raises `PoisonRecordError(reason, record)` naming the record, keeps
+    that call unsettled and raises it again at every flush until told here that the
+    dead letter is stored, so a dead letter that could not be published is not lost."""
+
+    def dead_lettered(self, record: Record) -> None:
+        """The dead letter of `record` is stored; forget its rejected effects."""
+
+
 class ServiceLoop:
     """Runs one handler over one record source until stopped."""
 
@@ -139,6 +164,11 @@ class ServiceLoop:
                     stop.wait(self.poll_interval_s)
         except RetryableError as e:  # only raised once `stop` is set: replayed by the next owner
             log.warning("stopped while retrying: %s", e)
+        except ConfigurationFault as e:  # no record can succeed: stop, checkpoint before it
+            self.metrics.count(CONFIGURATION_FAULTS)
+            self.metrics.count(ERRORS, type=type(e).__name__)
+            log.critical("configuration fault, stopping %s: %s", self.service, e)
+            raise
         finally:
             stop.set()
             self._last_flush(stop)
@@ -146,9 +176,18 @@ class ServiceLoop:
             self.source.close()
 
     def flush(self) -> None:
-        """Make the handler's buffered effects durable (no-op for plain handlers)."""
-        if isinstance(self.handler, Flushing):
-            self.handler.flush()
+        """Make the handler's buffered effects durable (no-op for plain handlers).
+
+        A flush that rejects the effects of one record (`PoisonRecordError`
+        naming it) dead-letters that record and flushes the rest."""
+        while isinstance(self.handler, Flushing):
+            try:
+                self.handler.flush()
+                return
+            except PoisonRecordError as e:
+                if e.record is None:
+                    raise
+                self._reject(e.record, e)
 
     def _last_flush(self, stop: threading.Event) -> None:
         try:
@@ -271,20 +310,38 @@ class ServiceLoop:
     def _handle(self, record: Record) -> str | None:
         try:
             event = self.contract.decode(record.data)
-            self.handler.handle(event, record)
+            self._apply(event, record)
             self._count(event)
         except UnknownWriterSchema as e:  # not the record's fault: never dead-lettered
             raise _ShardPaused(e) from e
         except PoisonRecordError as e:
-            self._dead_letter(record, e.reason, type(e).__name__)
+            self._reject(record, e)
             return None
-        except RetryableError:
+        except (RetryableError, ConfigurationFault):
             raise
         except Exception as e:  # a record that breaks the handler must not stop the shard
             log.exception("record rejected", extra={"shard_id": record.shard_id})
             self._dead_letter(record, f"{type(e).__name__}: {e}", type(e).__name__)
             return None
         return getattr(event, "contact_id", None)
+
+    def _apply(self, event: Event, record: Record) -> None:
+        """`handler.handle`; when a flush inside it rejects an earlier record, that one is
+        dead-lettered and this one handled again (a retried record gives the same output)."""
+        while True:
+            try:
+                self.handler.handle(event, record)
+                return
+            except PoisonRecordError as e:
+                if e.record is None or e.record == record:
+                    raise
+                self._reject(e.record, e)
+
+    def _reject(self, record: Record, error: PoisonRecordError) -> None:
+        """Dead-letter `record`; if the handler named it (a flush rejected it), say it is done."""
+        self._dead_letter(record, error.reason, type(error).__name__)
+        if error.record is not None and isinstance(self.handler, Rejecting):
+            self.handler.dead_lettered(error.record)
 
     def _dead_letter(self, record: Record, reason: str, error_type: str) -> None:
         self.metrics.count(DEAD_LETTERS)
@@ -306,7 +363,13 @@ class ServiceLoop:
             reason,
             extra={"shard_id": record.shard_id, "stream": record.stream},
         )
-        self.deadletters.put_raw([(record.partition_key, self.contract.encode(letter))])
+        try:
+            self.deadletters.put_raw([(record.partition_key, self.contract.encode(letter))])
+        except PoisonRecordError as e:  # neither processable nor storable: an operator decides
+            raise ConfigurationFault(
+                f"dead letter of {record.stream}/{record.shard_id}/{record.sequence_number} "
+                f"refused by {self.deadletters.stream}: {e.reason}"
+            ) from e
 
 
 class _ShardPaused(Exception):

@@ -3,6 +3,7 @@
 Each `main.py` builds its settings and handler, then calls `run_service`.
 SIGTERM/SIGINT stop the loop after the current record: it flushes,
 checkpoints and releases its leases so another instance takes over at once.
+A `ConfigurationFault` stops it the same way, then exits with status 3.
 
 `CALLSTREAM_LEASE_MS` (default 10000) is how long a lease lives without a
 heartbeat: an instance killed with SIGKILL is taken over within about
@@ -24,13 +25,14 @@ from callstream.bus.consumer import KinesisSource
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable, lease_client
 from callstream.config import BusSettings, Env
-from callstream.errors import ConfigError
+from callstream.errors import ConfigError, ConfigurationFault
 from callstream.metrics import start_observability
 from callstream.runtime import Handler, ServiceLoop
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_LEASE_MS = 10_000
+EXIT_CONFIGURATION_FAULT = 3  # access denied, a missing table, stream or bucket (docs/errors.md)
 
 
 def lease_ms(environ: dict[str, str] | None = None) -> int:
@@ -98,6 +100,9 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
     log.info("consuming %s as %s", stream, bus.worker_id, extra={"stream": stream})
     try:
         loop.run(stop)
+    except ConfigurationFault as e:  # leases released; a restart meets it again until fixed
+        print(f"{service} stopped by a configuration fault: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIGURATION_FAULT) from e
     finally:
         metrics.stop()
     log.info("stopped")

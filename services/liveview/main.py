@@ -4,6 +4,10 @@ Follows the calls stream (CallStarted) and the transcripts stream (segments,
 CallEnded) with `StreamTail` (no leases: every viewer sees everything), looks
 for a call's WAVs in S3 once it ended, and serves the page, its JSON board and
 the recordings (proxied from S3, so the bucket stays private).
+
+A failed poll is retried, unless `callstream.awserrors` calls it a
+configuration fault (a missing stream or bucket, access denied): the view
+then stops and exits with status 3, as the consumer services do.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,11 +27,12 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream import aws
 from callstream import log as logsetup
+from callstream.awserrors import classify
 from callstream.bus.tail import StreamTail
 from callstream.config import BusSettings, Env
-from callstream.errors import PoisonRecordError
+from callstream.errors import ConfigurationFault, PoisonRecordError
 from callstream.events import Track
-from callstream.service import load_settings
+from callstream.service import EXIT_CONFIGURATION_FAULT, load_settings
 from services.liveview.core import CallBoard
 from services.liveview.page import PAGE
 
@@ -66,6 +72,7 @@ class LiveView:
         self.board = CallBoard()
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
+        self.fault: ConfigurationFault | None = None  # what stopped `follow`, if anything
         region = settings.bus.region
         self.s3 = aws.client("s3", region)
         kinesis = aws.client("kinesis", region)
@@ -76,13 +83,20 @@ class LiveView:
         ]
 
     def follow(self, stop: threading.Event) -> None:
-        """Poll both streams and S3 until `stop`; a failed poll is logged and retried."""
+        """Poll both streams and S3 until `stop`; a failed poll is logged and retried,
+        a configuration fault is kept in `fault` and sets `stop`."""
         while not stop.is_set():
             try:
                 busy = self._poll_streams()
                 self._look_for_recordings()
             except (ClientError, BotoCoreError) as e:
-                log.warning("poll failed, retrying: %s", e)
+                error = classify(e, what="live view poll")
+                if isinstance(error, ConfigurationFault):
+                    log.critical("configuration fault, stopping: %s", error)
+                    self.fault = error
+                    stop.set()
+                    return
+                log.warning("poll failed, retrying: %s", error)
                 busy = False
             if not busy:
                 stop.wait(0.3)
@@ -199,6 +213,9 @@ def main() -> None:
     stop.wait()
     server.shutdown()
     server.server_close()
+    if view.fault is not None:
+        print(f"liveview stopped by a configuration fault: {view.fault}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIGURATION_FAULT)
 
 
 if __name__ == "__main__":
