@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 import zipfile
 from dataclasses import dataclass
 from importlib import metadata
@@ -35,7 +36,7 @@ from pathlib import Path
 from packaging.requirements import Requirement
 
 REPO = Path(__file__).resolve().parents[1]
-PROJECT = "callstream"  # the distribution name in pyproject.toml
+PROJECT = "callstream"  # the distribution pyproject.toml describes
 PROJECT_PACKAGES = ("callstream", "services")
 RUNTIME_ROOT = "boto3"  # the Lambda Python runtime provides boto3 and its requirements
 PLATFORM = "manylinux2014_x86_64"
@@ -119,10 +120,29 @@ def distributions_to_pack(
     function's extras, with their requirements, less what the runtime provides."""
     owners = metadata.packages_distributions()
     imported = {_norm(d) for top in imported_tops for d in owners.get(top, [])}
-    base = _requirements(PROJECT, (), python)
-    wanted = {d for d in base if d in imported} | (_requirements(PROJECT, extras, python) - base)
+    base = _project_requirements(())
+    wanted = {d for d in base if d in imported} | (_project_requirements(extras) - base)
     needed = set().union(*(_closure(d, python) for d in wanted)) if wanted else set()
     return {d: metadata.version(d) for d in needed - _closure(RUNTIME_ROOT, python)}
+
+
+def _project_requirements(extras: tuple[str, ...]) -> set[str]:
+    """Names pyproject.toml requires: its dependencies, and those of `extras` (expanded)."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    texts = list(project["dependencies"])
+    todo, seen = list(extras), set()
+    while todo:
+        extra = todo.pop()
+        if extra in seen:
+            continue
+        seen.add(extra)
+        for text in project["optional-dependencies"][extra]:
+            requirement = Requirement(text)
+            if _norm(requirement.name) == PROJECT:
+                todo.extend(requirement.extras)
+            else:
+                texts.append(text)
+    return {_norm(Requirement(text).name) for text in texts}
 
 
 def _requirements(dist: str, extras: tuple[str, ...], python: str) -> set[str]:

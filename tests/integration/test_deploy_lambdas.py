@@ -10,6 +10,7 @@ built for this interpreter's Python, not the template's, so they can load here.
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -23,7 +24,9 @@ from typing import Any
 import pytest
 
 from callstream.contract import default_contract
-from callstream.events import CallStarted
+from callstream.events import CallStarted, DeadLetter, Track, TranscriptSegmentProduced
+from services.persister.main import ensure_tables
+from services.sentiment.main import ensure_table as ensure_sentiment_table
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
@@ -151,3 +154,77 @@ def test_the_trigger_zip_publishes_call_started_for_a_contact_flow_event(
     assert isinstance(started, CallStarted)
     assert (started.contact_id, started.stream_arn) == (contact, KVS_ARN)
     assert started.start_fragment_number == "91"
+
+
+def esm_event(kinesis: Any, stream: str) -> dict[str, Any]:
+    """Every record of a one-shard stream as a Kinesis event source mapping delivers them."""
+    arn = kinesis.describe_stream_summary(StreamName=stream)["StreamDescriptionSummary"][
+        "StreamARN"
+    ]
+    shard = kinesis.list_shards(StreamName=stream)["Shards"][0]["ShardId"]
+    iterator = kinesis.get_shard_iterator(
+        StreamName=stream, ShardId=shard, ShardIteratorType="TRIM_HORIZON"
+    )["ShardIterator"]
+    records = kinesis.get_records(ShardIterator=iterator)["Records"]
+    return {
+        "Records": [
+            {
+                "kinesis": {
+                    "kinesisSchemaVersion": "1.0",
+                    "partitionKey": r["PartitionKey"],
+                    "sequenceNumber": r["SequenceNumber"],
+                    "data": base64.b64encode(r["Data"]).decode(),
+                    "approximateArrivalTimestamp": r["ApproximateArrivalTimestamp"].timestamp(),
+                },
+                "eventSource": "aws:kinesis",
+                "eventID": f"{shard}:{r['SequenceNumber']}",
+                "eventSourceARN": arn,
+                "awsRegion": "us-east-1",
+            }
+            for r in records
+        ]
+    }
+
+
+@pytest.mark.parametrize("name", ["persister", "sentiment"])
+def test_the_consumer_zips_write_rows_for_a_kinesis_batch(
+    name: str,
+    built: Built,
+    lambda_runtime: Path,
+    aws_env: dict[str, str],
+    aws_session: Any,
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    env = aws_env | {
+        "CALLSTREAM_TRANSCRIPTS_STREAM": f"tx-{suffix}",
+        "CALLSTREAM_DEADLETTER_STREAM": f"dl-{suffix}",
+        "TABLE_CALLER_TRANSCRIPT": f"cust-{suffix}",
+        "TABLE_CALLER_TRANSCRIPT_TO_CUSTOMER": f"agent-{suffix}",
+        "CALLSTREAM_SENTIMENT_TABLE": f"sentiment-{suffix}",
+        "CALLSTREAM_SENTIMENT_ENGINE": "offline",
+    }
+    kinesis = aws_session.client("kinesis")
+    for stream in (f"tx-{suffix}", f"dl-{suffix}"):
+        kinesis.create_stream(StreamName=stream, ShardCount=1)
+        kinesis.get_waiter("stream_exists").wait(StreamName=stream)
+    dynamodb = aws_session.client("dynamodb")
+    ensure_tables(dynamodb, [f"cust-{suffix}", f"agent-{suffix}"])
+    ensure_sentiment_table(dynamodb, f"sentiment-{suffix}")
+    contact = f"c-{suffix}"
+    final = TranscriptSegmentProduced(
+        contact, Track.FROM_CUSTOMER, f"{contact}:1000", 1000, 2000, "thank you, great help", False
+    )
+    data = default_contract().encode(final)
+    kinesis.put_record(StreamName=f"tx-{suffix}", PartitionKey=contact, Data=data)
+    kinesis.put_record(StreamName=f"tx-{suffix}", PartitionKey=contact, Data=b"not avro")
+    event = esm_event(kinesis, f"tx-{suffix}")
+    handler = build_lambdas.FUNCTIONS[name].handler
+    (answer,) = invoke(lambda_runtime, built[name], handler, [event], env)
+    assert answer == {"batchItemFailures": []}
+    table = f"cust-{suffix}" if name == "persister" else f"sentiment-{suffix}"
+    (row,) = dynamodb.scan(TableName=table)["Items"]
+    assert row["ContactId"] == {"S": contact}
+    if name == "sentiment":
+        assert row["Sentiment"] == {"S": "POSITIVE"}
+    (letter,) = [default_contract().decode(d) for d in read_stream(kinesis, f"dl-{suffix}")]
+    assert isinstance(letter, DeadLetter) and letter.data == b"not avro"
