@@ -382,3 +382,63 @@ def test_run_service_exits_with_status_3_on_a_configuration_fault(
     with pytest.raises(SystemExit) as caught:
         service.run_service("persister", bus, "transcripts", RaisesOnce())
     assert caught.value.code == 3
+
+
+class RejectsRowOf(RaisesOnce):
+    """Test handler like the persister: buffers rows, its flush refuses the row of `on`."""
+
+    def __init__(self, on: str) -> None:
+        super().__init__(on=on)
+        self.pending: dict[str, Record] = {}
+        self.rejected: dict[str, Record] = {}
+
+    def handle(self, event: Event, record: Record) -> None:
+        self.pending[getattr(event, "contact_id", "")] = record
+
+    def is_settled(self, contact_id: str) -> bool:
+        return contact_id not in self.pending and contact_id not in self.rejected
+
+    def flush(self) -> None:
+        for record in self.rejected.values():
+            raise PoisonRecordError("row over 400 KB", record)
+        if self.on in self.pending:
+            self.rejected[self.on] = record = self.pending.pop(self.on)
+            raise PoisonRecordError("row over 400 KB", record)
+        self.pending.clear()
+
+    def dead_lettered(self, record: Record) -> None:
+        self.rejected = {c: r for c, r in self.rejected.items() if r != record}
+
+
+class FailsOnce:
+    """A dead-letter sink that is unavailable once, then stores."""
+
+    stream = "dead"
+
+    def __init__(self, target: MemoryStream) -> None:
+        self.inner = MemoryPublisher(target)
+        self.failed = False
+
+    def put_raw(self, items: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise StoreUnavailable("dead-letter stream throttled past the deadline")
+        self.inner.put_raw(items)
+
+
+def test_a_row_refused_at_flush_is_dead_lettered_and_its_call_held_until_the_letter_is_stored():
+    stream, dead, checkpoints = _bus("a", "x", "b")
+    handler = RejectsRowOf("x")
+    loop = _loop(handler, stream, FailsOnce(dead), checkpoints)
+    loop.process(loop.source.poll())
+    with pytest.raises(StoreUnavailable):  # the letter could not be stored yet
+        loop.flush()
+    assert not handler.is_settled("x")  # so the checkpoint cannot pass its record
+    loop.checkpoint()
+    assert checkpoints[SHARD] == ("1", True)  # a and b are not flushed yet either
+    loop.flush()  # the next flush stores the letter it still owes
+    (letter,) = [default_contract().decode(r.data) for r in dead.shards[0]]
+    assert isinstance(letter, DeadLetter) and letter.data == stream.shards[0][1].data
+    assert handler.is_settled("x")
+    loop.checkpoint()
+    assert checkpoints[SHARD] == ("3", False)
