@@ -205,7 +205,7 @@ class KinesisSource:
                 first = min(self._renewed_at.values(), default=None)
                 fenced_in = "-" if first is None else f"{first + self._fence_s - self.clock():.1f}"
                 log.warning(
-                    "lease renewal failed %d rounds in a row (%d held, first fenced in %s s): %s",
+                    "lease heartbeat failed %d rounds in a row (%d held, first fenced in %s s): %s",
                     self._failed_rounds,
                     len(self._held),
                     fenced_in,
@@ -237,7 +237,11 @@ class KinesisSource:
         with self._lock:
             all_leases = self._scan()
             self._renew(all_leases)
-        shards, parents = self._list_shards()  # Kinesis: not under the lock
+        try:
+            shards, parents = self._list_shards()  # Kinesis: not under the lock
+        except (ClientError, BotoCoreError) as e:
+            log.warning("list_shards: %s (leases renewed, none taken)", e, extra=self._extra)
+            return
         with self._lock:
             self._parents.update(parents)
             missing = [shard_id for shard_id in shards if shard_id not in all_leases]

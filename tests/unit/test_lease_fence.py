@@ -204,7 +204,7 @@ def test_an_unreachable_lease_table_fences_the_shard_after_the_lease(
     source.checkpoint(shard, records[-1].sequence_number, inclusive=False)
     assert _checkpoint_in_table(table, name) is None
     assert metrics.value(LEASES_FENCED, shard=shard) == 1
-    assert "lease renewal failed 2 rounds in a row (1 held" in caplog.text
+    assert "lease heartbeat failed 2 rounds in a row (1 held" in caplog.text
     source.close()
 
 
