@@ -9,7 +9,7 @@ BIN = $(VENV)/bin
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[local,transcribe,sentiment,dev]'
+	$(BIN)/pip install --quiet -e '.[local,transcribe,sentiment,lambda,dev]'
 	touch $@
 
 setup: $(BIN)/.installed
@@ -24,6 +24,8 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy callstream services
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml compose.localstack.yml
 
 bench: setup
 	$(BIN)/python bench/mkv_decode.py
