@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -130,3 +131,24 @@ def test_the_emulator_images_command_serves_its_ports_and_stops_on_sigterm(
     assert process.returncode == 0, out
     assert not state.exists()
     assert shlex.join(command).startswith("python -m callstream.local")
+
+
+def test_every_task_command_of_the_template_is_a_module_of_the_built_wheel(
+    tmp_path: Path,
+) -> None:
+    from cfnlint.decode import decode
+
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path)]
+    subprocess.run([*command, str(REPO)], check=True, capture_output=True, timeout=300)
+    (wheel,) = tmp_path.glob("callstream-*.whl")
+    with zipfile.ZipFile(wheel) as zipped:
+        names = set(zipped.namelist())
+    template, problems = decode(str(REPO / "deploy" / "callstream.yaml"))
+    assert not problems and template is not None
+    tasks = [r for r in template["Resources"].values() if r["Type"] == "AWS::ECS::TaskDefinition"]
+    assert len(tasks) == 5
+    for task in tasks:
+        (container,) = task["Properties"]["ContainerDefinitions"]
+        python, flag, module = container["Command"]
+        assert (python, flag) == ("python", "-m")
+        assert module.replace(".", "/") + ".py" in names, module

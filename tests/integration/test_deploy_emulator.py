@@ -21,14 +21,15 @@ pytestmark = pytest.mark.integration
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "callstream.yaml"
 
 
-def _deploy(session: Any, name: str) -> dict[str, str]:
+def _deploy(session: Any, name: str, **extra: str) -> dict[str, str]:
     s3 = session.client("s3")
     code_bucket = f"code-{name}"
     s3.create_bucket(Bucket=code_bucket)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:
         zipped.writestr("services/ingest/handler.py", "def lambda_handler(e, c):\n    return {}\n")
-    s3.put_object(Bucket=code_bucket, Key="callstream/trigger.zip", Body=archive.getvalue())
+    for key in ("trigger", "persister", "sentiment"):
+        s3.put_object(Bucket=code_bucket, Key=f"callstream/{key}.zip", Body=archive.getvalue())
     ec2 = session.client("ec2")
     parameters = {
         "ImageUri": "callstream:latest",
@@ -36,6 +37,7 @@ def _deploy(session: Any, name: str) -> dict[str, str]:
         "VpcId": ec2.describe_vpcs()["Vpcs"][0]["VpcId"],
         "SubnetIds": ec2.describe_subnets()["Subnets"][0]["SubnetId"],
         "KvsKmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/connect-kvs",
+        **extra,
     }
     cfn = session.client("cloudformation")
     cfn.create_stack(
@@ -67,3 +69,32 @@ def test_the_template_deploys_to_the_emulator_with_the_reference_tables(
     assert len(services) == 4
     function = aws_session.client("lambda").get_function(FunctionName=outputs["TriggerFunctionArn"])
     assert function["Configuration"]["Handler"] == "services.ingest.handler.lambda_handler"
+
+
+def test_with_lambda_consumers_the_persister_and_sentiment_are_functions_on_the_transcripts(
+    aws_session: Any,
+) -> None:
+    name = f"callstream-{uuid.uuid4().hex[:8]}"
+    outputs = _deploy(aws_session, name, ConsumerRuntime="lambda", SentimentEngine="offline")
+    ecs = aws_session.client("ecs")
+    services = ecs.list_services(cluster=outputs["ClusterName"])["serviceArns"]
+    names = sorted(s.rsplit("-", 2)[-2] for s in services)
+    assert names == ["IngestService", "RecorderService", "TranscriberService"]
+    lambdas = aws_session.client("lambda")
+    transcripts = aws_session.client("kinesis").describe_stream_summary(
+        StreamName=outputs["TranscriptsStreamName"]
+    )["StreamDescriptionSummary"]["StreamARN"]
+    for consumer in ("persister", "sentiment"):
+        function = lambdas.get_function(FunctionName=f"{name}-{consumer}")["Configuration"]
+        assert function["Handler"] == f"services.{consumer}.lambda_function.lambda_handler"
+        assert function["Runtime"] == "python3.13"
+    # moto records the mappings as stack resources but does not list them through Lambda.
+    resources = aws_session.client("cloudformation").list_stack_resources(StackName=name)
+    created = {
+        r["LogicalResourceId"]: r["ResourceStatus"] for r in resources["StackResourceSummaries"]
+    }
+    for consumer in ("Persister", "Sentiment"):
+        assert created[f"{consumer}EventSourceMapping"] == "CREATE_COMPLETE"
+    assert transcripts.endswith(outputs["TranscriptsStreamName"])
+    queue = outputs["ConsumerFailureQueueUrl"]
+    aws_session.client("sqs").get_queue_attributes(QueueUrl=queue, AttributeNames=["All"])

@@ -228,3 +228,21 @@ def test_the_consumer_zips_write_rows_for_a_kinesis_batch(
         assert row["Sentiment"] == {"S": "POSITIVE"}
     (letter,) = [default_contract().decode(d) for d in read_stream(kinesis, f"dl-{suffix}")]
     assert isinstance(letter, DeadLetter) and letter.data == b"not avro"
+
+
+def test_every_function_of_the_template_imports_from_its_built_zip(
+    built: Built, lambda_runtime: Path, aws_env: dict[str, str]
+) -> None:
+    from cfnlint.decode import decode
+
+    template, problems = decode(str(REPO / "deploy" / "callstream.yaml"))
+    assert not problems and template is not None
+    by_handler = {f.handler: name for name, f in build_lambdas.FUNCTIONS.items()}
+    handlers = [
+        r["Properties"]["Handler"]
+        for r in template["Resources"].values()
+        if r["Type"] == "AWS::Lambda::Function"
+    ]
+    assert sorted(handlers) == sorted(by_handler)
+    for handler in handlers:
+        assert invoke(lambda_runtime, built[by_handler[handler]], handler, [], aws_env) == []

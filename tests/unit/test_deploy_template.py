@@ -30,6 +30,7 @@ TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "callstream.yaml"
 # Actions AWS offers no resource-level permissions for.
 NO_RESOURCE_LEVEL_ACTIONS = ("transcribe:StartStreamTranscription", "comprehend:DetectSentiment")
 SERVICES = ("Ingest", "Transcriber", "Recorder", "Persister", "Sentiment")
+LAMBDA_CONSUMERS = ("Persister", "Sentiment")
 
 
 def _cfn_lint() -> str:
@@ -198,7 +199,7 @@ def test_task_roles_grant_only_what_each_service_calls(template: dict[str, Any])
         },
         "TranscriberTaskRole": read | progress | {"transcribe:StartStreamTranscription"},
         "RecorderTaskRole": read | {"s3:PutObject", "s3:AbortMultipartUpload"},
-        "PersisterTaskRole": read,
+        "PersisterTaskRole": read | {"dynamodb:BatchWriteItem"},
         "SentimentTaskRole": read | {"comprehend:DetectSentiment"},
     }
     for role, actions in expected.items():
@@ -206,7 +207,8 @@ def test_task_roles_grant_only_what_each_service_calls(template: dict[str, Any])
 
 
 def test_only_transcribe_is_granted_on_every_resource(template: dict[str, Any]) -> None:
-    for role in [f"{name}TaskRole" for name in SERVICES] + ["TriggerRole"]:
+    roles = [f"{name}TaskRole" for name in SERVICES] + ["TriggerRole"]
+    for role in roles + [f"{name}FunctionRole" for name in LAMBDA_CONSUMERS]:
         for statement in _statements(template, role):
             assert statement["Effect"] == "Allow"
             assert "*" not in str(statement["Action"])
@@ -278,10 +280,77 @@ def test_the_sentiment_consumer_is_optional_and_calls_comprehend_only_when_chose
     template: dict[str, Any],
 ) -> None:
     optional = [k for k, v in template["Resources"].items() if k.startswith("Sentiment")]
-    assert len(optional) == 6
-    assert all(template["Resources"][k]["Condition"] == "DeploySentiment" for k in optional)
+    assert len(optional) == 10
+    conditions = {template["Resources"][k]["Condition"] for k in optional}
+    assert conditions == {"DeploySentiment", "SentimentOnFargate", "SentimentOnLambda"}
+    deploy = template["Conditions"]["DeploySentiment"]
+    for name in ("SentimentOnFargate", "SentimentOnLambda"):
+        assert deploy in template["Conditions"][name]["Fn::And"]
     inline = template["Resources"]["SentimentTaskRole"]["Properties"]["Policies"][0]
     (conditional,) = [s for s in inline["PolicyDocument"]["Statement"] if "Fn::If" in s]
     assert conditional["Fn::If"][0] == "SentimentUsesComprehend"
     table = template["Resources"]["SentimentTable"]["Properties"]
     assert [k["AttributeName"] for k in table["KeySchema"]] == ["ContactId", "SegmentId"]
+
+
+def test_the_consumers_run_either_on_fargate_or_on_lambda(template: dict[str, Any]) -> None:
+    conditions = template["Conditions"]
+    assert conditions["ConsumersOnLambda"] == {"Fn::Equals": [{"Ref": "ConsumerRuntime"}, "lambda"]}
+    assert template["Parameters"]["ConsumerRuntime"]["Default"] == "fargate"
+    for kind in ("TaskRole", "Task", "Service", "Scaling", "ScaleOnIteratorAge"):
+        assert template["Resources"][f"Persister{kind}"]["Condition"] == "ConsumersOnFargate"
+        assert template["Resources"][f"Sentiment{kind}"]["Condition"] == "SentimentOnFargate"
+    for kind in ("FunctionRole", "FunctionLogGroup", "Function", "EventSourceMapping"):
+        assert template["Resources"][f"Persister{kind}"]["Condition"] == "ConsumersOnLambda"
+        assert template["Resources"][f"Sentiment{kind}"]["Condition"] == "SentimentOnLambda"
+
+
+@pytest.mark.parametrize("name", LAMBDA_CONSUMERS)
+def test_each_lambda_consumer_reports_batch_item_failures_and_sends_given_up_batches_to_sqs(
+    template: dict[str, Any], name: str
+) -> None:
+    mapping = template["Resources"][f"{name}EventSourceMapping"]["Properties"]
+    assert mapping["EventSourceArn"] == {"Fn::GetAtt": ["TranscriptsStream", "Arn"]}
+    assert mapping["FunctionName"] == {"Ref": f"{name}Function"}
+    assert mapping["FunctionResponseTypes"] == ["ReportBatchItemFailures"]
+    assert mapping["BisectBatchOnFunctionError"] is True
+    assert mapping["MaximumRecordAgeInSeconds"] == {"Ref": "LambdaMaxRecordAgeSeconds"}
+    # A Kinesis mapping's on-failure destination may be SQS, SNS or S3, never a stream.
+    destination = mapping["DestinationConfig"]["OnFailure"]["Destination"]
+    assert destination == {"Fn::GetAtt": ["ConsumerFailureQueue", "Arn"]}
+    assert template["Resources"]["ConsumerFailureQueue"]["Type"] == "AWS::SQS::Queue"
+    function = template["Resources"][f"{name}Function"]["Properties"]
+    assert function["Handler"] == f"services.{name.lower()}.lambda_function.lambda_handler"
+    assert function["Role"] == {"Fn::GetAtt": [f"{name}FunctionRole", "Arn"]}
+
+
+def test_lambda_consumer_roles_grant_only_what_the_mapping_and_the_handler_call(
+    template: dict[str, Any],
+) -> None:
+    mapping = {
+        "kinesis:DescribeStream",
+        "kinesis:DescribeStreamSummary",
+        "kinesis:ListShards",
+        "kinesis:GetShardIterator",
+        "kinesis:GetRecords",
+        "sqs:SendMessage",
+    }
+    common = mapping | {
+        "kinesis:PutRecord",  # dead letters
+        "kinesis:PutRecords",
+        "logs:CreateLogStream",
+        "logs:PutLogEvents",
+    }
+    expected = {
+        "PersisterFunctionRole": common | {"dynamodb:PutItem", "dynamodb:BatchWriteItem"},
+        "SentimentFunctionRole": common | {"dynamodb:PutItem", "comprehend:DetectSentiment"},
+    }
+    for role, actions in expected.items():
+        assert _actions(template, role) == actions, role
+    # No leases, no table creation: the mapping keeps the positions, the stack makes the tables.
+    persister = _statements(template, "PersisterFunctionRole")
+    (rows,) = [s for s in persister if s.get("Sid") == "WriteRows"]
+    assert rows["Resource"] == [
+        {"Fn::GetAtt": ["CustomerTranscriptTable", "Arn"]},
+        {"Fn::GetAtt": ["AgentTranscriptTable", "Arn"]},
+    ]
