@@ -2,7 +2,10 @@
 
 Thin wiring: settings, clients, a bounded pool of call sessions, the loop.
 A call is settled (its CallStarted may be checkpointed past) once its
-CallEnded is published. Each call runs under its ownership in the progress
+CallEnded is published; `tick` then moves it from the running calls to a
+bounded memory of ended ones (a replayed CallStarted of an ended call is
+skipped), so memory and `tick`'s walk follow the calls in progress, not every
+call the process has served. Each call runs under its ownership in the progress
 table (`CALLSTREAM_PROGRESS_TABLE`, see `takeover.py`): a call held by a live
 other instance is retried from `tick` and stays unsettled meanwhile; a call
 whose shard is lost (`forget`) is stopped, saved and released.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +39,7 @@ from services.ingest.takeover import Outcome, Takeover
 log = logging.getLogger(__name__)
 
 RETRY_MAX_S = 30.0
+ENDED_MEMORY = 10_000  # ended calls remembered, to skip their replayed CallStarted
 
 
 @dataclass
@@ -60,6 +65,7 @@ class IngestHandler:
         media: MediaSource | None = None,
         audio: EventSink | None = None,
         published: PublishedEvents | None = None,
+        ended_memory: int = ENDED_MEMORY,
     ) -> None:
         self.settings = settings
         bus = settings.bus
@@ -91,6 +97,8 @@ class IngestHandler:
         )
         self.pool = ThreadPoolExecutor(settings.max_concurrent_calls, thread_name_prefix="call")
         self.calls: dict[str, _Call] = {}
+        self.ended: OrderedDict[str, None] = OrderedDict()  # bounded, oldest first
+        self.ended_memory = ended_memory
         self._running: set[str] = set()  # contacts with a run in a pool thread
         self._lock = threading.Lock()
 
@@ -99,13 +107,15 @@ class IngestHandler:
             raise PoisonRecordError(
                 f"calls stream carries CallStarted only, got {type(event).__name__}"
             )
-        if event.contact_id in self.calls:
-            return  # a replay of a call already running here
+        if event.contact_id in self.calls or event.contact_id in self.ended:
+            return  # a replay of a call running or ended here
         call = _Call(event)
         self.calls[event.contact_id] = call
         self._submit(call)
 
     def is_settled(self, contact_id: str) -> bool:
+        if contact_id in self.ended:
+            return True
         call = self.calls.get(contact_id)
         future = call.future if call is not None else None
         return (
@@ -126,7 +136,10 @@ class IngestHandler:
             error = future.exception()
             if error is not None:
                 log.error("call session failed: %s", error, extra={"contact_id": contact_id})
-            elif future.result() in (Outcome.ENDED, Outcome.STOPPED):
+            elif future.result() is Outcome.ENDED:
+                self._retire(contact_id)
+                continue
+            elif future.result() is Outcome.STOPPED:
                 continue
             # Held elsewhere, taken from us, or failed: claim again later (unsettled meanwhile).
             call.future = None
@@ -138,6 +151,13 @@ class IngestHandler:
             call = self.calls.pop(contact_id, None)
             if call is not None:
                 call.stop.set()  # the session saves, releases the call and stops
+
+    def _retire(self, contact_id: str) -> None:
+        """An ended call leaves the running calls for the bounded memory of ended ones."""
+        self.calls.pop(contact_id, None)
+        self.ended[contact_id] = None
+        while len(self.ended) > self.ended_memory:
+            self.ended.popitem(last=False)
 
     def close(self) -> None:
         """Stop every running call (saved and released) and wait for them."""

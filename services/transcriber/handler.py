@@ -80,6 +80,7 @@ class TranscriberHandler:
         clock: Callable[[], float] = time.monotonic,
         progress: ProgressStore | None = None,
         save_interval_s: float = 1.0,
+        done_memory: int = _DONE_MEMORY,
     ) -> None:
         self.engine = engine
         self.sink = sink
@@ -91,7 +92,8 @@ class TranscriberHandler:
         self.calls: dict[str, CallTranscription] = {}
         self.records: dict[str, _CallRecords] = {}
         self.outbox: dict[str, list[Event]] = {}  # emitted, not yet published
-        self.done: OrderedDict[str, None] = OrderedDict()
+        self.done: OrderedDict[str, None] = OrderedDict()  # bounded, oldest first
+        self.done_memory = done_memory
 
     def handle(self, event: Event, record: Record) -> None:
         contact_id = getattr(event, "contact_id", None)
@@ -217,7 +219,7 @@ class TranscriberHandler:
         self.records.pop(contact_id, None)
         self.outbox.pop(contact_id, None)
         self.done[contact_id] = None
-        while len(self.done) > _DONE_MEMORY:
+        while len(self.done) > self.done_memory:
             self.done.popitem(last=False)
 
 
