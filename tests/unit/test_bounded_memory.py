@@ -147,7 +147,7 @@ def test_ten_thousand_calls_through_one_ingest_handler_hold_flat_memory_and_tick
             MemoryPublisher(calls).publish(batch)
             started += len(batch)
             loop.process(loop.source.poll())
-            _settle(lambda: sink.ended >= started, handler.tick)
+            _settle(lambda upto=started: sink.ended >= upto, handler.tick)
             loop.checkpoint()
         _settle(lambda: not handler.calls, handler.tick)
         loop.checkpoint()
@@ -217,4 +217,3 @@ def test_ten_thousand_calls_through_one_transcriber_handler_hold_flat_memory_and
     assert len(handler.done) == MEMORY
     assert handler.outbox == {}
     _assert_flat(looks)
-
