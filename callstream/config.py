@@ -124,6 +124,7 @@ class BusSettings:
     poll_interval_ms: int
     progress_table: str = "callstream-progress"
     writer_pins: tuple[tuple[str, int], ...] = ()  # what default_contract() writes, if pinned
+    publish_deadline_s: float = 120.0  # a publish still refused after this raises (retried)
 
     @classmethod
     def from_env(cls, env: Env) -> BusSettings:
@@ -140,6 +141,8 @@ class BusSettings:
             poll_interval_ms=env.integer("CALLSTREAM_POLL_INTERVAL_MS", 200, minimum=10),
             progress_table=env.name("CALLSTREAM_PROGRESS_TABLE", "callstream-progress"),
             writer_pins=writer_pins(env),
+            publish_deadline_s=env.integer("CALLSTREAM_PUBLISH_DEADLINE_MS", 120_000, 50, 3_600_000)
+            / 1000,
         )
 
 

@@ -62,7 +62,9 @@ def ensure_stream(kinesis: Any, name: str, shards: int = 1) -> None:
 
 def publisher(bus: BusSettings, stream: str) -> KinesisPublisher:
     """A publisher to one of the bus's streams."""
-    return KinesisPublisher(aws.client("kinesis", bus.region), stream)
+    return KinesisPublisher(
+        aws.client("kinesis", bus.region), stream, deadline_s=bus.publish_deadline_s
+    )
 
 
 def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -> None:

@@ -51,6 +51,14 @@ class ServiceProcess:
         self._log.close()
         return self.popen.returncode
 
+    def freeze(self) -> None:
+        """SIGSTOP: the instance stops in its tracks (a long GC pause, a starved host)."""
+        self.popen.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT: a frozen instance goes on where it stopped, its leases maybe lost."""
+        self.popen.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL: the crash case."""
         self.popen.kill()
@@ -61,16 +69,29 @@ class ServiceProcess:
 class ServiceGroup:
     """Several service processes started and stopped together."""
 
-    def __init__(self, env: Mapping[str, str], log_dir: Path) -> None:
+    def __init__(
+        self,
+        env: Mapping[str, str],
+        log_dir: Path,
+        overrides: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         self.env = dict(env)
         self.log_dir = log_dir
+        self.overrides = {name: dict(extra) for name, extra in (overrides or {}).items()}
         self.processes: list[ServiceProcess] = []
 
     def start(self, names: tuple[str, ...] = SERVICES, instances: int = 1) -> None:
         """Start `instances` of each named service."""
         for name in names:
             for index in range(instances):
-                self.processes.append(ServiceProcess(name, index, self.env, self.log_dir))
+                self.spawn(name, index)
+
+    def spawn(self, name: str, index: int) -> ServiceProcess:
+        """Start one instance of `name` with the group's environment and its overrides."""
+        env = {**self.env, **self.overrides.get(name, {})}
+        process = ServiceProcess(name, index, env, self.log_dir)
+        self.processes.append(process)
+        return process
 
     def dead(self) -> list[ServiceProcess]:
         """Processes that exited on their own."""

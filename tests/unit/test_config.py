@@ -41,6 +41,12 @@ def test_reference_variables_keep_their_meaning() -> None:
     assert TranscriberSettings.from_env(env).transcribe_region == "us-west-2"
 
 
+def test_a_publish_gives_up_after_two_minutes_unless_configured() -> None:
+    assert TranscriberSettings.from_env({}).bus.publish_deadline_s == 120.0
+    env = {"CALLSTREAM_PUBLISH_DEADLINE_MS": "250"}
+    assert TranscriberSettings.from_env(env).bus.publish_deadline_s == 0.25
+
+
 def test_public_read_is_off_by_default() -> None:
     assert RecorderSettings.from_env({"RECORDINGS_BUCKET_NAME": "b-1"}).public_read is False
 
@@ -63,6 +69,11 @@ def test_public_read_is_off_by_default() -> None:
         (IngestSettings.from_env, {"CALLSTREAM_CHUNK_MS": "5"}, "CALLSTREAM_CHUNK_MS"),
         (IngestSettings.from_env, {"START_SELECTOR_TYPE": "EARLIEST"}, "START_SELECTOR_TYPE"),
         (TranscriberSettings.from_env, {"CALLSTREAM_ASR_ENGINE": "siri"}, "CALLSTREAM_ASR_ENGINE"),
+        (
+            TranscriberSettings.from_env,
+            {"CALLSTREAM_PUBLISH_DEADLINE_MS": "0"},
+            "CALLSTREAM_PUBLISH_DEADLINE_MS",
+        ),
     ],
 )
 def test_a_bad_value_is_refused_naming_the_variable(factory, env, variable) -> None:  # type: ignore[no-untyped-def]
