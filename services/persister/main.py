@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -46,9 +46,15 @@ FLUSH_AT = 100  # buffered finals that trigger a flush within a batch of records
 class PersisterHandler:
     """Writes the rows of each segment."""
 
-    def __init__(self, settings: PersisterSettings, dynamodb: Any) -> None:
+    def __init__(
+        self,
+        settings: PersisterSettings,
+        dynamodb: Any,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.dynamodb = dynamodb
+        self.clock = clock  # LoggedOn and ExpiresAfter of the rows
         self.policy = RowPolicy(
             settings.customer_table, settings.agent_table, settings.save_partials, settings.ttl_days
         )
@@ -67,7 +73,7 @@ class PersisterHandler:
                 event.transcript,
                 extra={"contact_id": event.contact_id, "track": event.track.value},
             )
-        for row in rows_for(event, self.policy, int(time.time() * 1000)):
+        for row in rows_for(event, self.policy, int(self.clock() * 1000)):
             if row.only_over_partial:
                 self._put(row)
             else:
