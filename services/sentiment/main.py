@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,13 +57,20 @@ class SentimentSettings:
 class SentimentHandler:
     """Scores each final segment and writes its row before the record is checkpointed."""
 
-    def __init__(self, settings: SentimentSettings, scorer: Scorer, dynamodb: Any) -> None:
+    def __init__(
+        self,
+        settings: SentimentSettings,
+        scorer: Scorer,
+        dynamodb: Any,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.settings = settings
         self.scorer = scorer
         self.table = dynamodb.Table(settings.table)
+        self.clock = clock  # ExpiresAfter of the rows
 
     def handle(self, event: Event, record: Record) -> None:
-        now_ms = int(time.time() * 1000)
+        now_ms = int(self.clock() * 1000)
         try:
             rows = row_for(event, self.scorer, self.settings.table, self.settings.ttl_days, now_ms)
         except (ClientError, BotoCoreError) as e:  # the Comprehend scorer lets these through
