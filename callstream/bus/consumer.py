@@ -1,4 +1,4 @@
-"""Kinesis Data Streams consumer: leased shards, polled with GetRecords.
+"""Kinesis Data Streams consumer: leased shards, read by a pluggable shard reader.
 
 Each instance of a service holds leases on some shards (see `leases.py`),
 reads them from their checkpoint, and gives them up on close. Balancing runs
@@ -9,6 +9,18 @@ the most, if it holds at least two more than we do (one steal per round, so
 instances converge without ping-pong). Shards lost on that thread are
 reported to `on_shard_lost` at the start of the next `poll()`, on the
 caller's thread, before any record of a new holding is returned.
+
+Reading is a strategy (`ShardReader`); leases, checkpoints, the fence and
+resharding are the same for every one:
+- `PollingReader` (here): GetShardIterator/GetRecords, each shard read at
+  most once per interval. A shard's 5 GetRecords per second are shared by
+  every consumer group reading it, so the interval is sized for the groups
+  (`read_interval_s`: at least groups / 5 s, never under 0.2 s), and a
+  throttled shard backs off (exponential with jitter, reset on success).
+- `FanOutReader` (`fanout.py`): enhanced fan-out, one SubscribeToShard
+  subscription per held shard pushing records into a bounded buffer.
+A reader returns `Batch`es tagged with the holding they were read for; the
+source keeps a batch only if that holding is still in force and unfenced.
 
 Resharding: a closed shard read to its end is *drained*; it is *finished*
 (checkpoint `SHARD_END`) only once the loop checkpoints past its last record,
@@ -33,9 +45,10 @@ table's conditional writes remain the proof against a second owner.
 
 Locking: `_lock` guards the holding; the heartbeat takes it. It is held over
 lease-table requests (their own client: short timeouts, two attempts) but
-never over a Kinesis request: `poll()` notes under the lock what to read,
-reads without it, and keeps the records only if the same holding is still in
-force and unfenced when it has the lock again.
+never over a Kinesis request: `poll()` notes under the lock what to read
+(and tells the reader, which must not block there), reads without it, and
+keeps the records only if the same holding is still in force and unfenced
+when it has the lock again.
 """
 
 from __future__ import annotations
@@ -43,37 +56,266 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import random
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from callstream.awserrors import error_code
 from callstream.bus.leases import Lease, LeaseTable, fair_share, now_ms
 from callstream.bus.ports import Record
-from callstream.errors import StoreUnavailable
 from callstream.metrics import ITERATOR_AGE_MS, LEASES_FENCED, Metrics
 
 log = logging.getLogger(__name__)
 SHARD_END = "SHARD_END"
 FENCE_MARGIN = 0.1  # of the lease: a renewal counts for 90% of it, for skew between hosts
+READS_PER_SHARD_S = 5  # AWS: GetRecords per second per shard, shared by every consumer
+MIN_READ_INTERVAL_S = 1 / READS_PER_SHARD_S
+THROTTLE_BACKOFF_CAP_S = 5.0
+READ_THROTTLES = "read_throttles"  # counter, label shard: reads refused for throughput
+THROTTLE_CODES = frozenset(
+    {
+        "ProvisionedThroughputExceededException",
+        "LimitExceededException",
+        "KMSThrottlingException",
+        "ThrottlingException",
+    }
+)
+
+
+def read_interval_s(groups: int, floor_s: float = MIN_READ_INTERVAL_S) -> float:
+    """Seconds between two GetRecords on one shard by one group, so that `groups` groups
+    polling it together stay within the shard's 5 reads per second (and never under 0.2 s)."""
+    return max(floor_s, MIN_READ_INTERVAL_S, max(1, groups) / READS_PER_SHARD_S)
 
 
 @dataclass(frozen=True)
-class _Read:
-    """One GetRecords a poll makes: a shard in one holding, from an iterator or a position."""
+class Position:
+    """Where reading a shard starts: TRIM_HORIZON, or at or after a sequence number."""
+
+    kind: str
+    sequence_number: str | None = None
+
+    @classmethod
+    def of_lease(cls, lease: Lease) -> Position:
+        """The lease's checkpoint (inclusive or not), or the shard's start without one."""
+        if lease.checkpoint and lease.checkpoint != SHARD_END:
+            kind = "AT_SEQUENCE_NUMBER" if lease.checkpoint_inclusive else "AFTER_SEQUENCE_NUMBER"
+            return cls(kind, lease.checkpoint)
+        return cls("TRIM_HORIZON")
+
+    def iterator_args(self) -> dict[str, str]:
+        """GetShardIterator's arguments for this position."""
+        args = {"ShardIteratorType": self.kind}
+        if self.sequence_number is not None:
+            args["StartingSequenceNumber"] = self.sequence_number
+        return args
+
+    def starting_position(self) -> dict[str, str]:
+        """SubscribeToShard's `StartingPosition` for this position."""
+        position = {"Type": self.kind}
+        if self.sequence_number is not None:
+            position["SequenceNumber"] = self.sequence_number
+        return position
+
+
+@dataclass(frozen=True)
+class ShardRead:
+    """A shard to read for one holding of its lease, and where that holding starts."""
 
     shard_id: str
     holding: int
-    iterator: str | None
-    start: dict[str, Any]  # GetShardIterator's arguments, for when there is no iterator
+    start: Position
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Records a reader read for one holding of a shard; `at_end`: the shard is closed and
+    nothing follows these records."""
+
+    shard_id: str
+    holding: int
+    records: list[Record] = field(default_factory=list)
+    at_end: bool = False
+    millis_behind: float | None = None
+
+
+class ShardReader(Protocol):
+    """How a `KinesisSource` reads the shards it holds (polling or enhanced fan-out)."""
+
+    def follow(self, reads: list[ShardRead]) -> None:
+        """These holdings are the ones to read now; forget any other. Called under the
+        source's lock: must not block or call Kinesis."""
+
+    def read(self, reads: list[ShardRead]) -> list[Batch]:
+        """What arrived for these holdings, waiting a little if nothing has; never raises for
+        a failed Kinesis request (it is logged and tried again at a later read)."""
+
+    def rewind(self, read: ShardRead) -> None:
+        """Read this holding again from `read.start` from the next read on. Called under the
+        source's lock: must not block or call Kinesis."""
+
+    def release(self, shard_id: str) -> None:
+        """This shard's holding ended; stop reading it. Called under the source's lock."""
+
+    def close(self) -> None:
+        """Stop reading every shard."""
+
+
+@dataclass
+class _Polled:
+    """A polled shard: its holding, where a new iterator would start, when it may be read."""
+
+    holding: int
+    position: Position
+    iterator: str | None = None
+    due: float = 0.0
+    throttles: int = 0
+
+
+class PollingReader:
+    """Reads held shards with GetShardIterator and GetRecords, each at most once per interval.
+
+    The interval is the group's share of the shard's 5 GetRecords per second
+    (`read_interval_s`); a throttled shard waits `interval * 2**n` seconds
+    times a jitter in [1, 2) after its n-th throttle in a row (capped at 5 s),
+    and the count resets on success. `read()` sleeps until the first shard is
+    due, at most `max_wait_s`. An expired iterator resumes after the last
+    record this holding read (never from the checkpoint, which would repeat
+    what the loop has). Only the consumer loop's thread calls it.
+    """
+
+    def __init__(
+        self,
+        kinesis: Any,
+        stream: str,
+        *,
+        max_records: int = 1000,
+        interval_s: float = MIN_READ_INTERVAL_S,
+        max_wait_s: float = 0.5,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.kinesis = kinesis
+        self.stream = stream
+        self.max_records = max_records
+        self.interval_s = max(MIN_READ_INTERVAL_S, interval_s)
+        self.max_wait_s = max_wait_s
+        self.metrics = metrics
+        self.clock = clock
+        self.sleep = sleep
+        self._shards: dict[str, _Polled] = {}
+
+    def follow(self, reads: list[ShardRead]) -> None:
+        """Keep the state of these holdings, start new ones at their position."""
+        fresh: dict[str, _Polled] = {}
+        for read in reads:
+            state = self._shards.get(read.shard_id)
+            if state is None or state.holding != read.holding:
+                due = 0.0 if state is None else state.due  # the shard's pace outlives a holding
+                state = _Polled(read.holding, read.start, due=due)
+            fresh[read.shard_id] = state
+        self._shards = fresh
+
+    def rewind(self, read: ShardRead) -> None:
+        """A new iterator at `read.start` at the next read of the shard."""
+        state = self._shards.get(read.shard_id)
+        due = 0.0 if state is None else state.due
+        self._shards[read.shard_id] = _Polled(read.holding, read.start, due=due)
+
+    def release(self, shard_id: str) -> None:
+        """Nothing to stop: `follow` drops the shard at the next poll."""
+
+    def close(self) -> None:
+        """Nothing to stop."""
+        self._shards.clear()
+
+    def read(self, reads: list[ShardRead]) -> list[Batch]:
+        """One GetRecords per due shard, after sleeping until the first is due (bounded)."""
+        wanted = [(read, self._shards[read.shard_id]) for read in reads]
+        if not wanted:
+            return []
+        first = min(state.due for _, state in wanted)
+        wait = first - self.clock()
+        if wait > self.max_wait_s:
+            self.sleep(self.max_wait_s)
+            return []
+        if wait > 0:
+            self.sleep(wait)
+        now = self.clock()
+        batches: list[Batch] = []
+        for read, state in wanted:
+            if state.due <= now:
+                batch = self._read_one(read, state)
+                if batch is not None:
+                    batches.append(batch)
+        return batches
+
+    def _read_one(self, read: ShardRead, state: _Polled) -> Batch | None:
+        started = self.clock()
+        state.due = started + self.interval_s
+        extra = {"stream": self.stream, "shard_id": read.shard_id}
+        try:
+            if state.iterator is None:
+                state.iterator = self.kinesis.get_shard_iterator(
+                    StreamName=self.stream, ShardId=read.shard_id, **state.position.iterator_args()
+                )["ShardIterator"]
+            response = self.kinesis.get_records(
+                ShardIterator=state.iterator, Limit=self.max_records
+            )
+        except ClientError as e:
+            self._failed(read, state, started, error_code(e), extra)
+            return None
+        except BotoCoreError as e:
+            log.warning("get_records: %s", e, extra=extra)
+            return None
+        state.throttles = 0
+        state.iterator = response.get("NextShardIterator")
+        records = [
+            Record(self.stream, read.shard_id, r["SequenceNumber"], r["PartitionKey"], r["Data"])
+            for r in response.get("Records", [])
+        ]
+        if records:
+            state.position = Position("AFTER_SEQUENCE_NUMBER", records[-1].sequence_number)
+        behind = response.get("MillisBehindLatest")
+        return Batch(
+            read.shard_id,
+            read.holding,
+            records,
+            at_end=state.iterator is None,
+            millis_behind=None if behind is None else float(behind),
+        )
+
+    def _failed(
+        self, read: ShardRead, state: _Polled, started: float, code: str, extra: dict[str, str]
+    ) -> None:
+        if code == "ExpiredIteratorException":
+            state.iterator = None  # a new one at the position: after what this holding read
+            return
+        if code in THROTTLE_CODES:
+            state.throttles += 1
+            backoff = self.interval_s * 2 ** (state.throttles - 1) * (1 + random.random())
+            state.due = started + min(THROTTLE_BACKOFF_CAP_S, backoff)
+            if self.metrics is not None:
+                self.metrics.count(READ_THROTTLES, shard=read.shard_id)
+            log.info(
+                "get_records throttled %d times in a row; next read in %.2f s",
+                state.throttles,
+                state.due - started,
+                extra=extra,
+            )
+            return
+        log.warning("get_records: %s", code, extra=extra)
 
 
 class KinesisSource:
-    """The shards of one stream this instance holds, as a polled record source."""
+    """The shards of one stream this instance holds, as a record source."""
 
     def __init__(
         self,
@@ -88,6 +330,7 @@ class KinesisSource:
         on_shard_lost: Callable[[str], None] | None = None,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        reader: ShardReader | None = None,
     ) -> None:
         self.kinesis = kinesis
         self.metrics = metrics
@@ -96,7 +339,9 @@ class KinesisSource:
         self.prefix = f"{group}/{stream}/"
         self.worker_id = worker_id
         self.lease_ms = lease_ms
-        self.max_records = max_records
+        self.reader: ShardReader = reader or PollingReader(
+            kinesis, stream, max_records=max_records, metrics=metrics
+        )
         self.on_shard_lost = on_shard_lost or (lambda shard_id: None)
         self.clock = clock
         self._fence_s = lease_ms * (1 - FENCE_MARGIN) / 1000
@@ -104,7 +349,7 @@ class KinesisSource:
         self._holding: dict[str, int] = {}  # shard -> which holding of it this is
         self._holdings = itertools.count(1)
         self._renewed_at: dict[str, float] = {}  # shard -> clock() before the last take/renewal
-        self._iterators: dict[str, str | None] = {}
+        self._ended: set[str] = set()  # held shards read to their end in this holding
         self._parents: dict[str, list[str]] = {}
         self._last_read: dict[str, str] = {}  # shard -> last sequence read in this holding
         self._lost: list[str] = []  # shards lost since the last poll, to report
@@ -116,7 +361,8 @@ class KinesisSource:
 
     # --- RecordSource -------------------------------------------------------
     def poll(self) -> list[Record]:
-        """One GetRecords per held shard (the first poll takes leases and starts the heartbeat)."""
+        """What the reader has for the held shards (the first poll takes leases and starts the
+        heartbeat)."""
         if self._heartbeat is None:
             self.heartbeat()
             self._heartbeat = threading.Thread(
@@ -132,12 +378,12 @@ class KinesisSource:
             self.on_shard_lost(shard_id)
         with self._lock:
             reads = self._plan_reads()
+            self.reader.follow(reads)
+        batches = self.reader.read(reads)  # without the lock: the heartbeat renews meanwhile
         records: list[Record] = []
-        for read in reads:
-            response = self._fetch(read)  # without the lock: the heartbeat renews meanwhile
-            if response is not None:
-                with self._lock:
-                    records.extend(self._accept(read, response))
+        with self._lock:
+            for batch in batches:
+                records.extend(self._accept(batch))
         return records
 
     def checkpoint(self, shard_id: str, sequence_number: str, *, inclusive: bool) -> None:
@@ -170,20 +416,9 @@ class KinesisSource:
         with self._lock:
             if shard_id not in self._held or shard_id in self._lost:
                 return
-        try:  # without the lock, like every Kinesis request
-            iterator = self.kinesis.get_shard_iterator(
-                StreamName=self.stream,
-                ShardId=shard_id,
-                ShardIteratorType="AT_SEQUENCE_NUMBER",
-                StartingSequenceNumber=sequence_number,
-            )["ShardIterator"]
-        except (ClientError, BotoCoreError) as e:
-            raise StoreUnavailable(
-                f"cannot re-read {self.stream} {shard_id} from {sequence_number}: {e}"
-            ) from e
-        with self._lock:  # polls run on this thread: a loss meanwhile is still in _lost
-            if shard_id in self._held and shard_id not in self._lost:
-                self._iterators[shard_id] = iterator
+            start = Position("AT_SEQUENCE_NUMBER", sequence_number)
+            self.reader.rewind(ShardRead(shard_id, self._holding[shard_id], start))
+            self._ended.discard(shard_id)
 
     def close(self) -> None:
         """Stop the heartbeat and release every held lease so another instance takes over."""
@@ -194,6 +429,7 @@ class KinesisSource:
             for shard_id, lease in list(self._held.items()):
                 self._safely("release", functools.partial(self.leases.release, lease))
                 self._forget(shard_id)
+        self.reader.close()
 
     def heartbeat(self) -> None:
         """One balancing round; a failed one is logged, and overdue leases fence themselves."""
@@ -352,8 +588,9 @@ class KinesisSource:
         """Drop everything of this holding of the shard; the lease we held, if any."""
         self._holding.pop(shard_id, None)
         self._renewed_at.pop(shard_id, None)
-        self._iterators.pop(shard_id, None)
+        self._ended.discard(shard_id)
         self._last_read.pop(shard_id, None)
+        self.reader.release(shard_id)
         return self._held.pop(shard_id, None)
 
     # --- the fence ----------------------------------------------------------
@@ -401,9 +638,9 @@ class KinesisSource:
         return [shard["ShardId"] for shard in shards], parents
 
     # --- reading ------------------------------------------------------------
-    def _plan_reads(self) -> list[_Read]:
+    def _plan_reads(self) -> list[ShardRead]:
         """What to read this poll; finish drained shards the checkpoint already covers."""
-        reads: list[_Read] = []
+        reads: list[ShardRead] = []
         for shard_id in list(self._held):
             if shard_id in self._lost:
                 continue  # lost and retaken since the report: its loss goes first
@@ -411,71 +648,30 @@ class KinesisSource:
                 if shard_id not in self._last_read:  # the checkpoint already covers it all
                     self._finish(shard_id)
                 continue
-            holding = self._holding[shard_id]
-            start = self._start(self._held[shard_id])
-            reads.append(_Read(shard_id, holding, self._iterators.get(shard_id), start))
+            start = Position.of_lease(self._held[shard_id])
+            reads.append(ShardRead(shard_id, self._holding[shard_id], start))
         return reads
 
-    def _start(self, lease: Lease) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"StreamName": self.stream, "ShardId": lease.shard_id}
-        if lease.checkpoint and lease.checkpoint != SHARD_END:
-            kwargs["ShardIteratorType"] = (
-                "AT_SEQUENCE_NUMBER" if lease.checkpoint_inclusive else "AFTER_SEQUENCE_NUMBER"
-            )
-            kwargs["StartingSequenceNumber"] = lease.checkpoint
-        else:
-            kwargs["ShardIteratorType"] = "TRIM_HORIZON"
-        return kwargs
-
-    def _fetch(self, read: _Read) -> dict[str, Any] | None:
-        """GetShardIterator if needed, then GetRecords; None if either failed."""
-        extra = {**self._extra, "shard_id": read.shard_id}
-        try:
-            iterator = read.iterator
-            if iterator is None:
-                iterator = self.kinesis.get_shard_iterator(**read.start)["ShardIterator"]
-            response: dict[str, Any] = self.kinesis.get_records(
-                ShardIterator=iterator, Limit=self.max_records
-            )
-        except ClientError as e:
-            code = e.response["Error"]["Code"]
-            if code != "ExpiredIteratorException":
-                log.warning("get_records: %s", code, extra=extra)
-                return None
-            with self._lock:
-                if self._holding.get(read.shard_id) == read.holding:
-                    self._iterators.pop(read.shard_id, None)
-            return None
-        except BotoCoreError as e:
-            log.warning("get_records: %s", e, extra=extra)
-            return None
-        return response
-
-    def _accept(self, read: _Read, response: dict[str, Any]) -> list[Record]:
+    def _accept(self, batch: Batch) -> list[Record]:
         """The records read, if the holding they were read in is still ours and unfenced."""
-        shard_id = read.shard_id
-        if self._holding.get(shard_id) != read.holding:
+        shard_id = batch.shard_id
+        if self._holding.get(shard_id) != batch.holding:
             return []  # lost (perhaps retaken) while reading: reported at the next poll
         if self._overdue(shard_id):
             self._fence(shard_id)
             return []
-        self._iterators[shard_id] = response.get("NextShardIterator")
-        if self.metrics is not None:
-            behind = float(response.get("MillisBehindLatest", 0))
-            self.metrics.gauge(ITERATOR_AGE_MS, behind, shard=shard_id)
-        records = [
-            Record(self.stream, shard_id, r["SequenceNumber"], r["PartitionKey"], r["Data"])
-            for r in response.get("Records", [])
-        ]
-        if records:
-            self._last_read[shard_id] = records[-1].sequence_number
-        if self._at_end(shard_id):
+        if self.metrics is not None and batch.millis_behind is not None:
+            self.metrics.gauge(ITERATOR_AGE_MS, batch.millis_behind, shard=shard_id)
+        if batch.records:
+            self._last_read[shard_id] = batch.records[-1].sequence_number
+        if batch.at_end:
+            self._ended.add(shard_id)
             self._drained(shard_id)
-        return records
+        return batch.records
 
     def _at_end(self, shard_id: str) -> bool:
-        """Read to the end of a closed shard (GetRecords gave no next iterator)."""
-        return shard_id in self._iterators and self._iterators[shard_id] is None
+        """Read to the end of a closed shard in this holding."""
+        return shard_id in self._ended
 
     def _drained(self, shard_id: str) -> None:
         lease = self._held.get(shard_id)
