@@ -125,6 +125,10 @@ class BusSettings:
     progress_table: str = "callstream-progress"
     writer_pins: tuple[tuple[str, int], ...] = ()  # what default_contract() writes, if pinned
     publish_deadline_s: float = 120.0  # a publish still refused after this raises (retried)
+    read_mode: str = "polling"  # or "efo": enhanced fan-out (SubscribeToShard)
+    poll_groups: int = 0  # consumer groups polling one shard; 0: the stream's usual readers
+    efo_consumer_arn: str = ""  # a registered consumer (the template's); else registered by name
+    efo_consumer_name: str = ""  # the consumer to register; empty: the service's name
 
     @classmethod
     def from_env(cls, env: Env) -> BusSettings:
@@ -143,7 +147,47 @@ class BusSettings:
             writer_pins=writer_pins(env),
             publish_deadline_s=env.integer("CALLSTREAM_PUBLISH_DEADLINE_MS", 120_000, 50, 3_600_000)
             / 1000,
+            read_mode=env.choice("CALLSTREAM_READ_MODE", "polling", READ_MODES),
+            poll_groups=env.integer("CALLSTREAM_POLL_GROUPS", 0, minimum=0, maximum=20),
+            efo_consumer_arn=consumer_arn(env),
+            efo_consumer_name=_optional_name(env, "CALLSTREAM_EFO_CONSUMER_NAME"),
         )
+
+    def polling_groups(self, stream: str) -> int:
+        """How many consumer groups poll each shard of `stream` (they share its 5 GetRecords
+        per second): CALLSTREAM_POLL_GROUPS, else the readers this project gives the stream."""
+        if self.poll_groups:
+            return self.poll_groups
+        usual = {
+            self.calls_stream: 2,  # ingest, live view
+            self.audio_stream: 2,  # transcriber, recorder
+            self.transcripts_stream: 3,  # persister, sentiment, live view
+        }
+        return usual.get(stream, 1)
+
+
+READ_MODES = ("polling", "efo")
+_CONSUMER_ARN = re.compile(
+    r"^arn:aws[a-z-]*:kinesis:[a-z0-9-]+:\d{12}:stream/[A-Za-z0-9_.-]+/consumer/[A-Za-z0-9_.-]+:\d+$"
+)
+
+
+def consumer_arn(env: Env) -> str:
+    """CALLSTREAM_EFO_CONSUMER_ARN: empty, or a Kinesis stream consumer's ARN."""
+    arn = env.text("CALLSTREAM_EFO_CONSUMER_ARN", "-")
+    if arn == "-":
+        return ""
+    if not _CONSUMER_ARN.match(arn):
+        raise ConfigError(
+            "CALLSTREAM_EFO_CONSUMER_ARN must be a Kinesis stream consumer ARN "
+            f"(arn:aws:kinesis:<region>:<account>:stream/<stream>/consumer/<name>:<n>), got {arn!r}"
+        )
+    return arn
+
+
+def _optional_name(env: Env, name: str) -> str:
+    value = env.text(name, "-")
+    return "" if value == "-" else env.name(name, value)
 
 
 def writer_pins(env: Env) -> tuple[tuple[str, int], ...]:
@@ -210,15 +254,25 @@ class TranscriberSettings:
         )
 
 
+MIB = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class RecorderSettings:
-    """The recorder service: where WAVs go."""
+    """The recorder service: which recordings, where, encrypted with what (docs/recordings.md)."""
 
     bus: BusSettings
     bucket: str
     key_prefix: str
     public_read: bool
     spool_dir: str
+    formats: tuple[str, ...] = ("stereo",)  # RECORDINGS_FORMAT: stereo, per-track or both
+    channel_order: tuple[str, str] = ("AUDIO_FROM_CUSTOMER", "AUDIO_TO_CUSTOMER")  # left, right
+    kms_key_id: str | None = None  # None: SSE-KMS with the AWS managed key aws/s3
+    part_bytes: int = 5 * MIB  # every part of a streamed upload but the last
+    align_horizon_ms: int = 30_000  # how far one track may trail the other before it is silence
+    missing_wait_s: int = 60  # how long after CallEnded missing chunks are waited for
+    recordings_stream: str = "callstream-recordings"  # where RecordingStored is published
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RecorderSettings:
@@ -233,7 +287,53 @@ class RecorderSettings:
             key_prefix=env.text("RECORDINGS_KEY_PREFIX", "recordings/"),
             public_read=env.flag("RECORDINGS_PUBLIC_READ_ACL", False),
             spool_dir=env.text("CALLSTREAM_SPOOL_DIR", os.path.join(".callstream", "spool")),
+            formats=_FORMATS[env.choice("RECORDINGS_FORMAT", "stereo", tuple(_FORMATS))],
+            channel_order=_channel_order(env),
+            kms_key_id=_kms_key(env),
+            part_bytes=env.integer("CALLSTREAM_RECORDING_PART_MIB", 5, 5, 5 * 1024) * MIB,
+            align_horizon_ms=env.integer("CALLSTREAM_RECORDING_ALIGN_S", 30, 1, 3600) * 1000,
+            missing_wait_s=env.integer("CALLSTREAM_RECORDING_WAIT_S", 60, 0, 86_400),
+            recordings_stream=recordings_stream(env),
         )
+
+
+_FORMATS = {"stereo": ("stereo",), "per-track": ("per-track",), "both": ("stereo", "per-track")}
+_SIDES = {"customer": "AUDIO_FROM_CUSTOMER", "agent": "AUDIO_TO_CUSTOMER"}
+_KMS_KEY = re.compile(
+    r"^(arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(key|alias)/[A-Za-z0-9/_+=,.@-]+"
+    r"|alias/[A-Za-z0-9/_-]+|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+    r"|mrk-[0-9a-f]{32})$"
+)
+
+
+def recordings_stream(env: Env) -> str:
+    """CALLSTREAM_RECORDINGS_STREAM: the stream RecordingStored goes to (recorder, live view)."""
+    return env.name("CALLSTREAM_RECORDINGS_STREAM", "callstream-recordings")
+
+
+def _channel_order(env: Env) -> tuple[str, str]:
+    """RECORDINGS_CHANNEL_ORDER: `customer,agent` (left, right; the default) or `agent,customer`."""
+    raw = env.text("RECORDINGS_CHANNEL_ORDER", "customer,agent")
+    sides = [_SIDES.get(part.strip().lower(), "") for part in raw.split(",")]
+    if len(sides) != 2 or "" in sides or sides[0] == sides[1]:
+        raise ConfigError(
+            "RECORDINGS_CHANNEL_ORDER must name the left then the right channel: "
+            f"customer,agent or agent,customer; got {raw!r}"
+        )
+    return sides[0], sides[1]
+
+
+def _kms_key(env: Env) -> str | None:
+    """RECORDINGS_KMS_KEY_ID: a key id, key ARN, alias/<name> or alias ARN; unset: aws/s3."""
+    raw = env.text("RECORDINGS_KMS_KEY_ID", "-").strip()
+    if raw == "-":
+        return None
+    if not _KMS_KEY.match(raw):
+        raise ConfigError(
+            "RECORDINGS_KMS_KEY_ID must be a KMS key id, key ARN, alias/<name> or alias ARN, "
+            f"got {raw!r}"
+        )
+    return raw
 
 
 @dataclass(frozen=True)

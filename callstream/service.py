@@ -8,6 +8,13 @@ A `ConfigurationFault` stops it the same way, then exits with status 3.
 `CALLSTREAM_LEASE_MS` (default 10000) is how long a lease lives without a
 heartbeat: an instance killed with SIGKILL is taken over within about
 4/3 of it (expiry plus one balancing period).
+
+`CALLSTREAM_READ_MODE` picks how the leased shards are read (`record_source`):
+`polling` (GetRecords, each shard at most once per `groups / 5` s, since the
+groups reading a shard share its 5 reads per second; `CALLSTREAM_POLL_GROUPS`)
+or `efo` (enhanced fan-out through `CALLSTREAM_EFO_CONSUMER_ARN`, else the
+consumer named after the service, registered if absent). docs/capacity.md
+says which fits which service and what each costs.
 """
 
 from __future__ import annotations
@@ -21,12 +28,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from callstream import aws
-from callstream.bus.consumer import KinesisSource
+from callstream.bus.consumer import KinesisSource, PollingReader, read_interval_s
+from callstream.bus.fanout import FanOutSource, register_consumer
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable, lease_client
 from callstream.config import BusSettings, Env
 from callstream.errors import ConfigError, ConfigurationFault
-from callstream.metrics import start_observability
+from callstream.metrics import Metrics, start_observability
 from callstream.runtime import Handler, ServiceLoop
 
 log = logging.getLogger(__name__)
@@ -67,6 +75,48 @@ def publisher(bus: BusSettings, stream: str) -> KinesisPublisher:
     )
 
 
+def record_source(
+    service: str,
+    bus: BusSettings,
+    stream: str,
+    leases: LeaseTable,
+    *,
+    lease_ms: int,
+    on_shard_lost: Callable[[str], None],
+    metrics: Metrics,
+) -> KinesisSource:
+    """The leased source `CALLSTREAM_READ_MODE` asks for: polling within the shard's shared
+    read budget (an interval for `bus.polling_groups(stream)` groups), or enhanced fan-out
+    through the configured consumer ARN, else the consumer named for the service (registered
+    if absent). Its client does not retry: the readers back off per shard themselves."""
+    reads = aws.client("kinesis", bus.region, retries={"mode": "standard", "total_max_attempts": 1})
+    common: dict[str, Any] = {
+        "stream": stream,
+        "group": service,
+        "worker_id": bus.worker_id,
+        "lease_ms": lease_ms,
+        "on_shard_lost": on_shard_lost,
+        "metrics": metrics,
+    }
+    if bus.read_mode == "efo":
+        arn = bus.efo_consumer_arn or register_consumer(
+            aws.client("kinesis", bus.region), stream, bus.efo_consumer_name or service
+        )
+        log.info("reading %s with enhanced fan-out as %s", stream, arn, extra={"stream": stream})
+        return FanOutSource(reads, leases, consumer_arn=arn, **common)
+    groups = bus.polling_groups(stream)
+    interval = read_interval_s(groups, bus.poll_interval_ms / 1000)
+    log.info(
+        "polling %s every %.2f s per shard (%d groups share its reads)",
+        stream,
+        interval,
+        groups,
+        extra={"stream": stream},
+    )
+    reader = PollingReader(reads, stream, interval_s=interval, metrics=metrics)
+    return KinesisSource(reads, leases, reader=reader, **common)
+
+
 def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -> None:
     """Consume `stream` with `handler` until SIGTERM/SIGINT."""
     kinesis = aws.client("kinesis", bus.region)
@@ -78,22 +128,28 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
     ensure_stream(kinesis, bus.deadletter_stream)
     loop: ServiceLoop | None = None
     metrics = start_observability(service, ready=lambda: bool(source.held_shards))
-    source = KinesisSource(
-        kinesis,
-        leases,
-        stream=stream,
-        group=service,
-        worker_id=bus.worker_id,
-        lease_ms=lease_duration,
-        on_shard_lost=lambda shard: loop.shard_lost(shard) if loop else None,
-        metrics=metrics,
-    )
+    try:
+        source = record_source(
+            service,
+            bus,
+            stream,
+            leases,
+            lease_ms=lease_duration,
+            on_shard_lost=lambda shard: loop.shard_lost(shard) if loop else None,
+            metrics=metrics,
+        )
+    except ConfigurationFault as e:  # the fan-out consumer cannot be registered or found
+        metrics.stop()
+        print(f"{service} stopped by a configuration fault: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIGURATION_FAULT) from e
     loop = ServiceLoop(
         service,
         source,
         handler,
         KinesisPublisher(kinesis, bus.deadletter_stream),
-        poll_interval_s=bus.poll_interval_ms / 1000,
+        # A fan-out poll already waits for records to arrive; a polled one sleeps until
+        # its shards are due, so the loop's own wait only spaces polls of nothing held.
+        poll_interval_s=0.0 if bus.read_mode == "efo" else bus.poll_interval_ms / 1000,
         metrics=metrics,
     )
     stop = threading.Event()

@@ -50,6 +50,8 @@ from collections.abc import Callable
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import ReadTimeoutError as BotoReadTimeout
+from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeout
 
 from callstream.awserrors import Outcome, classify, error_code, outcome
 from callstream.bus.consumer import Batch, KinesisSource, Position, ShardRead
@@ -226,6 +228,10 @@ class _Subscription:
                 if self._subscribe_once():
                     return
                 failures = 0
+                delay = 0.0
+            except (BotoReadTimeout, Urllib3ReadTimeout):
+                # No event for a whole read timeout: a quiet shard, not a failure. Renew.
+                log.debug("subscription idle past the read timeout; renewed", extra=self._extra)
                 delay = 0.0
             except (ClientError, BotoCoreError) as e:
                 if outcome(e) is Outcome.STOP:
