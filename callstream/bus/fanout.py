@@ -12,9 +12,9 @@ checkpoint: AT/AFTER_SEQUENCE_NUMBER, else TRIM_HORIZON) and puts what each
 event brings into a bounded buffer (`buffer_records` per shard; when it is
 full the thread stops reading and the connection's flow control holds the
 server back). A subscription lasts at most 5 minutes: the thread subscribes
-again at the last `ContinuationSequenceNumber` (AT_SEQUENCE_NUMBER) and
-drops any record at or before the last one it delivered, so a renewal has
-neither a gap nor a repeat whichever way the server reads that number. A
+again AFTER_SEQUENCE_NUMBER the last `ContinuationSequenceNumber` (as the
+KCL, Flink and others do), and drops any record at or before the last one
+it delivered, so a renewal has neither a gap nor a repeat. A
 failed or refused subscription (`ResourceInUseException`: another
 subscription of this consumer to the shard is younger than 5 s; throttling;
 a dropped connection) is retried with jittered backoff, never sooner than
@@ -301,7 +301,7 @@ class _Subscription:
         continuation = body.get("ContinuationSequenceNumber")
         at_end = continuation is None or bool(body.get("ChildShards"))
         if continuation is not None:
-            self.position = Position("AT_SEQUENCE_NUMBER", continuation)
+            self.position = Position("AFTER_SEQUENCE_NUMBER", continuation)
         if records:
             self.last = int(records[-1].sequence_number)
         if records or at_end:

@@ -177,15 +177,15 @@ TRIM = ShardRead(SHARD, 1, Position("TRIM_HORIZON"))
 # --- the reader -----------------------------------------------------------------
 def test_a_renewed_subscription_resumes_at_the_continuation_without_gap_or_repeat() -> None:
     kinesis = _ScriptedKinesis()
-    # The first subscription expires after two events; the server repeats record 2
-    # at the renewal (AT_SEQUENCE_NUMBER of the continuation).
+    # The first subscription expires after two events; a server that repeats record 2
+    # at the renewal changes nothing.
     kinesis.script(SHARD, [_event(1, cont=1), _event(2, cont=2)], [_event(2, 3, cont=3), LIVE])
     reader = _reader(kinesis)
     reader.follow([TRIM])
     assert _collect(reader, [TRIM], 3) == ["1", "2", "3"]
     assert [position for _, position in kinesis.calls] == [
         {"Type": "TRIM_HORIZON"},
-        {"Type": "AT_SEQUENCE_NUMBER", "SequenceNumber": "2"},
+        {"Type": "AFTER_SEQUENCE_NUMBER", "SequenceNumber": "2"},
     ]
     reader.close()
 
@@ -220,7 +220,7 @@ def test_a_connection_dropped_mid_stream_resubscribes_after_the_last_record() ->
     reader = _reader(kinesis)
     reader.follow([TRIM])
     assert _collect(reader, [TRIM], 3) == ["1", "2", "3"]
-    assert kinesis.calls[1][1] == {"Type": "AT_SEQUENCE_NUMBER", "SequenceNumber": "2"}
+    assert kinesis.calls[1][1] == {"Type": "AFTER_SEQUENCE_NUMBER", "SequenceNumber": "2"}
     reader.close()
 
 
