@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -21,7 +22,9 @@ def register(commands: Any) -> None:
         "calls",
         help="active calls and their lag, from the audio and transcripts streams",
         description="CAPTURE LAG: now minus the end of the newest audio chunk (how far ingest "
-        "is behind the live call). TRANSCRIPT LAG: audio captured minus audio transcribed.",
+        "is behind the live call). TRANSCRIPT LAG: audio captured minus audio transcribed. "
+        "On the embedded emulator, a last line counts the Kinesis requests its per-shard "
+        "quotas throttled, per stream of the bus.",
     )
     calls.add_argument("--since-minutes", type=float, default=60.0, help="how far back to read")
     calls.add_argument("--all", action="store_true", help="ended calls too")
@@ -113,7 +116,37 @@ def _calls(args: argparse.Namespace) -> int:
             print(json.dumps(row))
         return 0
     _print_calls(rows, sys.stdout)
+    control_url = os.environ.get("CALLSTREAM_EMULATOR_CONTROL_URL")
+    if control_url:
+        sys.stdout.write(throttle_line(control_url, bus) + "\n")
     return 0
+
+
+def throttle_line(control_url: str, bus: Any) -> str:
+    """The emulator's Kinesis throttle counts for the bus's streams, as one line."""
+    from callstream.local.faults import remote_snapshot
+
+    head = "kinesis throttles (emulator"
+    try:
+        quotas = remote_snapshot(control_url, timeout=2.0).get("kinesis_quotas")
+    except (OSError, ValueError) as e:
+        return f"{head}): unknown, the control route did not answer ({e})"
+    if not isinstance(quotas, dict):
+        return f"{head}): not counted by this emulator"
+    head += f", per-shard quotas {'on' if quotas.get('enabled') else 'OFF'})"
+    streams = (bus.calls_stream, bus.audio_stream, bus.transcripts_stream, bus.deadletter_stream)
+    counts: dict[str, dict[str, int]] = {}
+    for entry in quotas.get("throttles", []):
+        if entry.get("stream") in streams:
+            per_stream = counts.setdefault(entry["stream"], {})
+            per_stream[entry["operation"]] = per_stream.get(entry["operation"], 0) + entry["count"]
+    if not counts:
+        return f"{head}: none"
+    parts = [
+        f"{stream} " + ", ".join(f"{op} {n}" for op, n in sorted(ops.items()))
+        for stream, ops in sorted(counts.items())
+    ]
+    return f"{head}: " + "; ".join(parts)
 
 
 def _print_calls(rows: list[dict[str, Any]], out: TextIO) -> None:

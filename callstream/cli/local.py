@@ -20,6 +20,15 @@ def register(commands: Any) -> None:
     up.add_argument("--state-file", default=DEFAULT_STATE_FILE)
     up.add_argument("--port", type=int, default=4566)
     up.add_argument("--media-port", type=int, default=4567)
+    up.add_argument(
+        "--no-kinesis-quotas",
+        dest="kinesis_quotas",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not enforce Kinesis's per-shard quotas (default: enforced, unless "
+        "CALLSTREAM_EMULATOR_KINESIS_QUOTAS=off)",
+    )
     up.set_defaults(run=_local_up)
     down = sub.add_parser("down", help="stop the emulator started by `local up`")
     down.add_argument("--state-file", default=DEFAULT_STATE_FILE)
@@ -33,7 +42,12 @@ def register(commands: Any) -> None:
 def _local_up(args: argparse.Namespace) -> int:
     from callstream.local.emulator import run_forever
 
-    run_forever(args.state_file, port=args.port, media_port=args.media_port)
+    run_forever(
+        args.state_file,
+        port=args.port,
+        media_port=args.media_port,
+        kinesis_quotas=args.kinesis_quotas,
+    )
     return 0
 
 

@@ -30,6 +30,22 @@ def main(argv: list[str] | None = None) -> None:
         default=1.0,
         help="seconds a GetMedia stays open once no producer is connected",
     )
+    parser.add_argument(
+        "--no-kinesis-quotas",
+        dest="kinesis_quotas",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not enforce Kinesis's per-shard quotas (default: enforced, unless "
+        "CALLSTREAM_EMULATOR_KINESIS_QUOTAS=off)",
+    )
+    parser.add_argument(
+        "--subscription-seconds",
+        type=float,
+        default=None,
+        help="how long a SubscribeToShard lasts (default: CALLSTREAM_EMULATOR_SUBSCRIPTION_S "
+        "or 300, as on AWS)",
+    )
     parser.add_argument("--verbose", action="store_true", help="log every request")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO)
@@ -41,6 +57,8 @@ def main(argv: list[str] | None = None) -> None:
         fragment_selector_inclusive=args.fragment_selector_inclusive,
         get_media_idle_timeout=args.get_media_idle_timeout,
         quiet=not args.verbose,
+        kinesis_quotas=args.kinesis_quotas,
+        subscription_s=args.subscription_seconds,
     )
 
 

@@ -2,7 +2,9 @@
 
 `Emulator` starts, in this process:
 - a moto server (Kinesis Data Streams, DynamoDB, S3, the KVS control plane),
-  patched by `moto_patches` while it runs;
+  patched by `moto_patches` while it runs, with Kinesis's per-shard quotas
+  (`kinesis_quotas`, on by default) and enhanced fan-out (`kinesis_fanout`:
+  SubscribeToShard is answered by a WSGI layer in front of moto, on the same port);
 - the KVS media endpoint (`kvs_media`), which GetDataEndpoint points at.
 
 Services reach both only through boto3 and `AWS_ENDPOINT_URL` (see `env()`),
@@ -19,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import Any
@@ -33,6 +36,8 @@ from werkzeug.serving import make_server
 
 from callstream.local import moto_patches
 from callstream.local.faults import Faults
+from callstream.local.kinesis_fanout import FanoutHub, FanoutSettings, WsgiApp
+from callstream.local.kinesis_quotas import KinesisQuotas
 from callstream.local.kvs_api import ApiError, not_found
 from callstream.local.kvs_media import KvsMediaServer, MediaOptions
 from callstream.local.kvs_store import FragmentStore
@@ -41,6 +46,10 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_REGION = "us-east-1"
 DEFAULT_STATE_FILE = Path(".callstream/local.json")
+# Switches read when an Emulator is made without the matching argument.
+QUOTAS_ENV = "CALLSTREAM_EMULATOR_KINESIS_QUOTAS"  # on (default) | off
+SUBSCRIPTION_ENV = "CALLSTREAM_EMULATOR_SUBSCRIPTION_S"  # seconds a SubscribeToShard lasts
+DEFAULT_SUBSCRIPTION_S = 300.0  # AWS: 5 minutes
 # Variables that would make boto3 ignore the emulator's credentials or endpoint.
 CLEARED_ENV = (
     "AWS_PROFILE",
@@ -62,6 +71,14 @@ class Emulator:
     after the request on a stream never produced to; default 1.0). `options`
     may be changed while running. `quiet` (silence
     werkzeug's per-request log lines, default True).
+
+    Kinesis: `kinesis_quotas` enforces the per-shard quotas (default: on,
+    unless CALLSTREAM_EMULATOR_KINESIS_QUOTAS=off); `subscription_s` is how long
+    a SubscribeToShard lasts (default CALLSTREAM_EMULATOR_SUBSCRIPTION_S or
+    300, as on AWS); `consumer_activation_s` how long a registered consumer
+    stays CREATING (and a deregistered one DELETING). `quotas` and
+    `fanout.settings` may be changed while running, also over the control
+    route (see faults.py); `faults.clear()` puts them back to these values.
     """
 
     def __init__(
@@ -74,6 +91,9 @@ class Emulator:
         fragment_selector_inclusive: bool = False,
         get_media_idle_timeout: float = 1.0,
         quiet: bool = True,
+        kinesis_quotas: bool | None = None,
+        subscription_s: float | None = None,
+        consumer_activation_s: float = 0.5,
     ) -> None:
         host = "127.0.0.1" if host == "localhost" else host
         if not ipaddress.ip_address(host).is_loopback:
@@ -83,7 +103,18 @@ class Emulator:
         self.media_port = media_port
         self.region = region
         self.quiet = quiet
-        self.faults = Faults()
+        if kinesis_quotas is None:
+            kinesis_quotas = _env_switch(QUOTAS_ENV, default=True)
+        if subscription_s is None:
+            subscription_s = _env_seconds(SUBSCRIPTION_ENV, DEFAULT_SUBSCRIPTION_S)
+        self.quotas = KinesisQuotas(enabled=kinesis_quotas)
+        self.fanout = FanoutHub(
+            self.quotas,
+            FanoutSettings(
+                subscription_s=subscription_s, consumer_activation_s=consumer_activation_s
+            ),
+        )
+        self.faults = Faults(self.quotas, self.fanout.settings)
         self.store = FragmentStore()
         self.options = MediaOptions(region, fragment_selector_inclusive, get_media_idle_timeout)
         self._moto: _MotoServer | None = None
@@ -97,7 +128,9 @@ class Emulator:
     def start(self) -> Emulator:
         """Start both servers and patch moto; raises if another Emulator runs here."""
         started = time.perf_counter()
-        self._patches = moto_patches.apply(self.data_endpoint, self.faults)
+        self._patches = moto_patches.apply(
+            self.data_endpoint, self.faults, quotas=self.quotas, fanout=self.fanout
+        )
         try:
             self._media = KvsMediaServer(
                 self.store, self.faults, _moto_stream, self.options, self.host, self.media_port
@@ -105,16 +138,18 @@ class Emulator:
             self._media.start()
             self._quiet_werkzeug()
             self._moto = _MotoServer(self.host, self.port, verbose=False)
+            self._moto.wrap = self.fanout.middleware
             self._moto.start()
         except BaseException:
             self.stop()
             raise
         self.start_seconds = time.perf_counter() - started
         logger.info(
-            "emulator up in %.2fs: aws %s, kvs media %s",
+            "emulator up in %.2fs: aws %s, kvs media %s, kinesis quotas %s",
             self.start_seconds,
             self.endpoint_url,
             self.media_url,
+            "on" if self.quotas.enabled else "off",
         )
         return self
 
@@ -123,6 +158,7 @@ class Emulator:
         if self._media is not None:
             self._media.stop()
             self._media = None
+        self.fanout.close()
         if self._moto is not None:
             self._moto.stop()
             self._moto = None
@@ -195,10 +231,17 @@ class Emulator:
 
 
 class _MotoServer(ThreadedMotoServer):
-    """ThreadedMotoServer that binds in start() (so bind errors raise there) and frees its port."""
+    """ThreadedMotoServer that binds in start() (so bind errors raise there) and frees its port.
+
+    `wrap` (optional) wraps moto's WSGI app (the fan-out hub answers SubscribeToShard).
+    """
+
+    wrap: Callable[[WsgiApp], WsgiApp] | None = None
 
     def start(self) -> None:
-        app = DomainDispatcherApplication(create_backend_app)
+        app: Any = DomainDispatcherApplication(create_backend_app)
+        if self.wrap is not None:
+            app = self.wrap(app)
         self._server = make_server(
             self._ip_address, self._port, app, True, request_handler=MotoRequestHandler
         )
@@ -210,6 +253,30 @@ class _MotoServer(ThreadedMotoServer):
         super().stop()
         if self._server is not None:
             self._server.server_close()
+
+
+def _env_switch(name: str, *, default: bool) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if not value:
+        return default
+    if value in ("1", "on", "true", "yes"):
+        return True
+    if value in ("0", "off", "false", "no"):
+        return False
+    raise ValueError(f"{name} must be on or off, got {value!r}")
+
+
+def _env_seconds(name: str, default: float) -> float:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+    return seconds
 
 
 def _reset_moto() -> None:
@@ -284,9 +351,11 @@ def _write_state(path: Path, emulator: Emulator) -> None:
 
 
 def _announce(emulator: Emulator, path: Path) -> None:
+    quotas = "on" if emulator.quotas.enabled else f"OFF ({QUOTAS_ENV})"
     print(f"callstream emulator up in {emulator.start_seconds:.2f}s", flush=True)
     print(f"  AWS (moto):  {emulator.endpoint_url}", flush=True)
     print(f"  KVS media:   {emulator.media_url}", flush=True)
+    print(f"  Kinesis per-shard quotas: {quotas}", flush=True)
     print(f"  state file:  {path}", flush=True)
     for key, value in emulator.env().items():
         print(f"export {key}={value}", flush=True)

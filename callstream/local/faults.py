@@ -15,9 +15,18 @@ route, `POST {CALLSTREAM_EMULATOR_CONTROL_URL}/faults` (see `remote_faults`):
      "s3_throttle": {"share": 0.2, "seed": 7, "operations": ["PutObject"]},
      "cut_get_media": {"after_fragments": 2, "after_bytes": null,
                        "stream": "name-or-arn", "connections": 1},
-     "expire_data_endpoints": true}
+     "expire_data_endpoints": true,
+     "kinesis_quotas": {"enabled": false, "reset_counters": false},
+     "kinesis_fanout": {"subscription_s": 10, "idle_event_s": 5,
+                        "consumer_activation_s": 0.5}}
 
-`clear` runs first; every key is optional. The reply is `snapshot()`.
+`clear` runs first; every key is optional. The reply is `snapshot()`, which
+also carries the Kinesis quotas' throttle counters (`kinesis_quotas.throttles`).
+
+The last two are not faults but the emulator's Kinesis realism: per-shard
+quotas (`kinesis_quotas.KinesisQuotas`, on by default) and enhanced fan-out
+settings (`kinesis_fanout.FanoutSettings`). `clear` puts both back to how the
+Emulator was started (throttle counters are kept).
 
 Expired data endpoints: GetDataEndpoint hands out
 `http://127.0.0.1:<media-port>/gen/<generation>`; every media request carries
@@ -36,7 +45,11 @@ import threading
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from callstream.local.kinesis_fanout import FanoutSettings
+    from callstream.local.kinesis_quotas import KinesisQuotas
 
 KINESIS_THROTTLED_OPERATIONS = ("PutRecord", "PutRecords", "GetRecords")
 DYNAMODB_THROTTLED_OPERATIONS = (
@@ -58,6 +71,8 @@ _SPEC_KEYS = frozenset(
         "s3_throttle",
         "cut_get_media",
         "expire_data_endpoints",
+        "kinesis_quotas",
+        "kinesis_fanout",
     }
 )
 
@@ -103,9 +118,19 @@ class GetMediaCut:
 
 
 class Faults:
-    """Thread-safe switchboard of injected failures; everything off by default."""
+    """Thread-safe switchboard of injected failures; everything off by default.
 
-    def __init__(self) -> None:
+    `kinesis_quotas` and `fanout` (optional) are the emulator's Kinesis quota
+    and fan-out settings, exposed and switched through the same control route.
+    """
+
+    def __init__(
+        self,
+        kinesis_quotas: KinesisQuotas | None = None,
+        fanout: FanoutSettings | None = None,
+    ) -> None:
+        self.kinesis_quotas = kinesis_quotas
+        self.fanout = fanout
         self._lock = threading.Lock()
         self._rng = random.Random(0)
         self._throttle_share = 0.0
@@ -250,11 +275,20 @@ class Faults:
             self._generation = 1
             self._dynamodb = _Throttle(DYNAMODB_THROTTLED_OPERATIONS)
             self._s3 = _Throttle(S3_THROTTLED_OPERATIONS)
+        if self.kinesis_quotas is not None:
+            self.kinesis_quotas.restore_default()
+        if self.fanout is not None:
+            self.fanout.restore_default()
 
     def snapshot(self) -> dict[str, Any]:
         """The current settings, JSON-ready."""
+        extra: dict[str, Any] = {}
+        if self.kinesis_quotas is not None:
+            extra["kinesis_quotas"] = self.kinesis_quotas.snapshot()
+        if self.fanout is not None:
+            extra["kinesis_fanout"] = self.fanout.snapshot()
         with self._lock:
-            return {
+            return extra | {
                 "kinesis_throttle": {
                     "share": self._throttle_share,
                     "operations": sorted(self._throttle_ops),
@@ -283,6 +317,14 @@ class Faults:
             self.cut_get_media(**spec["cut_get_media"])
         if spec.get("expire_data_endpoints"):
             self.expire_data_endpoints()
+        if "kinesis_quotas" in spec:
+            if self.kinesis_quotas is None:
+                raise ValueError("this emulator has no Kinesis quotas")
+            self.kinesis_quotas.configure(**spec["kinesis_quotas"])
+        if "kinesis_fanout" in spec:
+            if self.fanout is None:
+                raise ValueError("this emulator has no enhanced fan-out")
+            self.fanout.configure(**spec["kinesis_fanout"])
         return self.snapshot()
 
 
@@ -295,5 +337,12 @@ def remote_faults(control_url: str, spec: dict[str, Any], timeout: float = 5.0) 
         method="POST",
     )
     with urllib.request.urlopen(request, timeout=timeout) as response:
+        result: dict[str, Any] = json.load(response)
+    return result
+
+
+def remote_snapshot(control_url: str, timeout: float = 5.0) -> dict[str, Any]:
+    """`snapshot()` of an emulator in another process (faults, Kinesis quota counters)."""
+    with urllib.request.urlopen(control_url.rstrip("/") + "/faults", timeout=timeout) as response:
         result: dict[str, Any] = json.load(response)
     return result

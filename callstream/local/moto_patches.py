@@ -22,38 +22,51 @@ Patched here:
   writes run one at a time
   (moto checks a ConditionExpression and writes in two unlocked steps, so
   two conditional lease takes could both succeed).
+- kinesis per-shard quotas (`kinesis_quotas`, on unless the Emulator says
+  otherwise): PutRecord fails whole and PutRecords entry by entry with
+  ProvisionedThroughputExceededException over 1 MiB/s or 1,000 records/s;
+  GetRecords is refused over 5 calls/s or 2 MiB/s per shard (shared by every
+  caller), returns at most 10,000 records and 10 MiB, and refuses a Limit
+  above 10,000 with InvalidArgumentException.
+- kinesis enhanced fan-out (`kinesis_fanout`): consumers go CREATING ->
+  ACTIVE and DELETING, ARNs carry the creation time, names are unique per
+  stream; SubscribeToShard itself is served by the fan-out hub in front of
+  moto (see the Emulator), woken by every shard append.
 - kinesis resharding behaves as on AWS (moto 5.2.5 got it wrong): after
   SplitShard/MergeShards/UpdateShardCount a closed parent keeps its records
   and takes no more writes, hash keys route to the open shard whose
   (inclusive) range holds them, and GetRecords at the end of a closed shard
   returns `ChildShards` and no `NextShardIterator`.
 
-Known gaps of moto 5.2.5 Kinesis, still open (see
-`_patch_kinesis_subscribe_to_shard`):
-- SubscribeToShard (enhanced fan-out) is not implemented;
-- it never throttles by itself (no per-shard 1 MB/s, 1000 rec/s, 5 reads/s).
+Not modelled: the other control-plane rate limits (DescribeStream 10/s per
+account, ListShards, GetShardIterator 5/s per shard, ...).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from moto.core.exceptions import JsonRESTError
 from moto.core.responses import ActionResult
 from moto.dynamodb.responses import DynamoHandler
 from moto.kinesis.exceptions import InvalidArgumentError
-from moto.kinesis.models import Shard, Stream
+from moto.kinesis.models import KinesisBackend, Record, Shard, Stream
 from moto.kinesis.responses import KinesisResponse
-from moto.kinesis.utils import decompose_shard_iterator
+from moto.kinesis.utils import compose_shard_iterator, decompose_shard_iterator
 from moto.kinesisvideo.models import KinesisVideoBackend
 from moto.s3.responses import S3Response
 
 from callstream.local.faults import Faults
+from callstream.local.kinesis_quotas import MAX_BYTES_PER_GET, MAX_RECORDS_PER_GET, KinesisQuotas
+
+if TYPE_CHECKING:
+    from callstream.local.kinesis_fanout import FanoutHub
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +100,18 @@ class PatchSet:
                 _active = None
 
 
-def apply(data_endpoint: Callable[[], str], faults: Faults) -> PatchSet:
-    """Install every patch; `data_endpoint()` gives the URL GetDataEndpoint returns."""
+def apply(
+    data_endpoint: Callable[[], str],
+    faults: Faults,
+    *,
+    quotas: KinesisQuotas | None = None,
+    fanout: FanoutHub | None = None,
+) -> PatchSet:
+    """Install every patch; `data_endpoint()` gives the URL GetDataEndpoint returns.
+
+    `quotas` enforces Kinesis's per-shard limits (None: no quota patch);
+    `fanout` gets the consumer registry patches and a wake-up per shard append.
+    """
     global _active
     with _active_lock:
         if _active is not None:
@@ -101,9 +124,12 @@ def apply(data_endpoint: Callable[[], str], faults: Faults) -> PatchSet:
         _patch_atomic_writes(patches)  # innermost: throttling wraps the locked handlers
         _patch_kinesis_resharding(patches)  # before throttling, which wraps its GetRecords
         _patch_kinesis_throttling(patches, faults)
+        if quotas is not None:
+            _patch_kinesis_quotas(patches, quotas)
         _patch_dynamodb_throttling(patches, faults)
         _patch_s3_throttling(patches, faults)
-        _patch_kinesis_subscribe_to_shard(patches)
+        if fanout is not None:
+            fanout.patch(patches, _WRITE_LOCK)
     except BaseException:
         patches.revert()
         raise
@@ -359,12 +385,13 @@ def _get_records_with_children(self: KinesisResponse) -> ActionResult:
     if shard.is_open or last < shard.get_max_sequence_number():
         result["NextShardIterator"] = next_iterator
     else:
-        result["ChildShards"] = _children(stream, shard_id)
+        result["ChildShards"] = child_shards(stream, shard_id)
         result["MillisBehindLatest"] = 0
     return ActionResult(result)
 
 
-def _children(stream: Stream, shard_id: str) -> list[dict[str, Any]]:
+def child_shards(stream: Stream, shard_id: str) -> list[dict[str, Any]]:
+    """The ChildShards entries of a closed shard, as GetRecords and SubscribeToShard give them."""
     return [
         {
             "ShardId": child.shard_id,
@@ -379,5 +406,140 @@ def _children(stream: Stream, shard_id: str) -> list[dict[str, Any]]:
     ]
 
 
-def _patch_kinesis_subscribe_to_shard(patches: PatchSet) -> None:
-    """Placeholder: SubscribeToShard over an event stream (later task)."""
+def record_size(record: Record) -> int:
+    """What a record counts against the quotas: data blob plus partition key."""
+    return len(base64.b64decode(record.data)) + len(record.partition_key.encode("utf-8"))
+
+
+def _entry_size(entry: dict[str, Any]) -> int:
+    data = entry.get("Data") or ""
+    return len(base64.b64decode(data)) + len(str(entry.get("PartitionKey") or "").encode("utf-8"))
+
+
+def _rate_exceeded(shard_id: str, stream: Stream) -> str:
+    return (
+        f"Rate exceeded for shard {shard_id} in stream {stream.stream_name} "
+        f"under account {stream.account_id}."
+    )
+
+
+def _patch_kinesis_quotas(patches: PatchSet, quotas: KinesisQuotas) -> None:
+    """Per-shard write and read budgets on the backend, under every response path."""
+    patches.replace(
+        KinesisBackend, "put_record", _quota_put_record(KinesisBackend.put_record, quotas)
+    )
+    patches.replace(
+        KinesisBackend, "put_records", _quota_put_records(KinesisBackend.put_records, quotas)
+    )
+    patches.replace(
+        KinesisBackend, "get_records", _quota_get_records(KinesisBackend.get_records, quotas)
+    )
+
+
+def _quota_put_record(original: Callable[..., Any], quotas: KinesisQuotas) -> Any:
+    @functools.wraps(original)
+    def put_record(
+        self: KinesisBackend,
+        stream_arn: str,
+        stream_name: str,
+        partition_key: str,
+        explicit_hash_key: str,
+        data: str,
+    ) -> Any:
+        stream = self.describe_stream(stream_arn=stream_arn, stream_name=stream_name)
+        shard = stream.get_shard_for_key(partition_key, explicit_hash_key)
+        entry = {"Data": data, "PartitionKey": partition_key}
+        if shard is not None and not quotas.admit_write(
+            stream.arn, shard.shard_id, _entry_size(entry), "PutRecord"
+        ):
+            raise JsonRESTError(
+                "ProvisionedThroughputExceededException", _rate_exceeded(shard.shard_id, stream)
+            )
+        return original(self, stream_arn, stream_name, partition_key, explicit_hash_key, data)
+
+    return put_record
+
+
+# moto's own PutRecords request limits; a request over them goes to moto unchanged to fail there.
+_MAX_PUT_RECORDS = 500
+_MAX_PUT_RECORDS_BYTES = 5 * 1024 * 1024
+_MAX_RECORD_BYTES = 1024 * 1024
+
+
+def _quota_put_records(original: Callable[..., Any], quotas: KinesisQuotas) -> Any:
+    @functools.wraps(original)
+    def put_records(
+        self: KinesisBackend, stream_arn: str, stream_name: str, records: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        stream = self.describe_stream(stream_arn=stream_arn, stream_name=stream_name)
+        sizes = [_entry_size(entry) for entry in records]
+        if (
+            len(records) > _MAX_PUT_RECORDS
+            or sum(sizes) > _MAX_PUT_RECORDS_BYTES
+            or any(size > _MAX_RECORD_BYTES for size in sizes)
+        ):
+            return cast(dict[str, Any], original(self, stream_arn, stream_name, records))
+        refused: list[str | None] = []
+        for entry, size in zip(records, sizes, strict=True):
+            key, hash_key = entry.get("PartitionKey", ""), entry.get("ExplicitHashKey", "")
+            shard = stream.get_shard_for_key(key, hash_key)
+            ok = shard is None or quotas.admit_write(stream.arn, shard.shard_id, size, "PutRecords")
+            refused.append(None if ok or shard is None else shard.shard_id)
+        accepted = [e for e, shard_id in zip(records, refused, strict=True) if shard_id is None]
+        result: dict[str, Any] = {"FailedRecordCount": 0, "Records": []}
+        if accepted:
+            result = original(self, stream_arn, stream_name, accepted)
+        stored = iter(result["Records"])
+        merged = [
+            next(stored)
+            if shard_id is None
+            else {
+                "ErrorCode": "ProvisionedThroughputExceededException",
+                "ErrorMessage": _rate_exceeded(shard_id, stream),
+            }
+            for shard_id in refused
+        ]
+        failed = result.get("FailedRecordCount", 0) + sum(s is not None for s in refused)
+        return {"FailedRecordCount": failed, "Records": merged}
+
+    return put_records
+
+
+def _quota_get_records(original: Callable[..., Any], quotas: KinesisQuotas) -> Any:
+    @functools.wraps(original)
+    def get_records(
+        self: KinesisBackend, stream_arn: str | None, shard_iterator: str, limit: int | None
+    ) -> tuple[str, list[Record], int]:
+        if limit is not None and int(limit) > MAX_RECORDS_PER_GET:
+            raise InvalidArgumentError(
+                f"Limit {limit} is above the maximum of {MAX_RECORDS_PER_GET} records per call"
+            )
+        stream_name, shard_id, _ = decompose_shard_iterator(shard_iterator)
+        stream = self.describe_stream(stream_arn=stream_arn, stream_name=stream_name)
+        shard = stream.get_shard(shard_id)
+        if not quotas.admit_read(stream.arn, shard_id):
+            raise JsonRESTError(
+                "ProvisionedThroughputExceededException",
+                f"Rate exceeded for Shard - {stream.account_id}/{stream.stream_name}/{shard_id}",
+            )
+        capped = MAX_RECORDS_PER_GET if limit is None else int(limit)
+        next_iterator, records, behind = original(self, stream_arn, shard_iterator, capped)
+        kept, size = _within_bytes(records, MAX_BYTES_PER_GET)
+        if len(kept) < len(records):
+            next_iterator = compose_shard_iterator(stream_name, shard, kept[-1].sequence_number)
+            behind += int((records[-1].created_at - kept[-1].created_at) * 1000)
+        quotas.charge_read(stream.arn, shard_id, size)
+        return next_iterator, kept, behind
+
+    return get_records
+
+
+def _within_bytes(records: list[Record], limit: int) -> tuple[list[Record], int]:
+    """The leading records whose sizes add up to at most `limit` (always the first)."""
+    total = 0
+    for index, record in enumerate(records):
+        size = record_size(record)
+        if index and total + size > limit:
+            return records[:index], total
+        total += size
+    return records, total
