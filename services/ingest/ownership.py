@@ -13,6 +13,24 @@ process frozen), it renews first, retrying until a whole lease has passed
 since the last success, and stops if it cannot. A new owner only claims a
 call whose heartbeat is a whole lease old, so a publish never starts after
 another instance may have taken the call (clocks in sync, as for leases).
+
+Errors of the progress store, as `callstream.awserrors` sorts them:
+
+- retryable (throttling, timeouts): a save that fails may still have been
+  stored (its answer lost), so the next save takes the version after it
+  either way; the progress is then `unsaved` until a save succeeds, and an
+  unsaved call is not released: it expires, and its next owner reads back
+  what was published since the last save instead of trusting the stale
+  state. A save the caller cannot do without (`required`: the last one of a
+  call) raises instead, and the call is run again. A failed heartbeat or
+  release waits for the next one, or for the lease to run out;
+- poison (the state refused, over DynamoDB's 400 KB): retrying cannot mend
+  it, and the audio matters more than the progress: logged, the call goes
+  on unsaved (never released, so a takeover reads back);
+- configuration (the table missing, access denied): raised from save,
+  release and confirm (a heartbeat's is kept and raised by the session's
+  next `confirm`), so the call stops at once with nothing more published
+  and the fault reaches the service, which must stop loudly.
 """
 
 from __future__ import annotations
@@ -23,7 +41,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from callstream.errors import RetryableError
+from callstream.errors import ConfigurationFault, PoisonRecordError, RetryableError
 from callstream.progress import Claim, OwnedProgressStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +72,8 @@ class CallOwnership:
         self.version = 0
         self.writes = 0
         self.lost = False
+        self.unsaved = False  # a save failed and none succeeded since: do not release
+        self.fault: ConfigurationFault | None = None  # a heartbeat's, raised by `confirm`
         self._confirmed_at = -1e18
         self._lock = threading.Lock()
         self.extra = {"contact_id": contact_id}
@@ -67,26 +87,37 @@ class CallOwnership:
             self._confirmed(began)
         return claim
 
-    def save(self, state: dict[str, Any]) -> None:
-        """Store `state` as the next version; raises OwnershipLost if the call was taken."""
+    def save(self, state: dict[str, Any], *, required: bool = False) -> None:
+        """Store `state` as the next version; raises OwnershipLost if the call was taken.
+
+        A retryable failure is logged and left to the next save, or raised if
+        `required`; either way the version moves on (the write may have been
+        stored) and the progress counts as unsaved until a save succeeds."""
         with self._lock:
-            if self.lost:
-                raise OwnershipLost(f"call {self.contact_id} is no longer ours")
+            self._check()
             began = self.monotonic()
+            version = self.version + 1
             try:
-                stored = self.store.save_owned(
-                    self.contact_id, self.worker_id, state, self.version + 1
-                )
-            except RetryableError as e:  # the next save or heartbeat tries again
+                stored = self.store.save_owned(self.contact_id, self.worker_id, state, version)
+            except RetryableError as e:
+                self.version, self.unsaved = version, True
+                if required:
+                    raise
                 log.warning("progress not saved: %s", e, extra=self.extra)
+                return
+            except PoisonRecordError as e:  # never storable: go on unsaved (see module doc)
+                self.version, self.unsaved = version, True
+                log.error("progress refused, the call goes on unsaved: %s", e, extra=self.extra)
                 return
             if not stored:
                 self._lose("save refused")
-            self.version += 1
+            self.version, self.unsaved = version, False
             self._confirmed(began)
 
     def heartbeat(self) -> bool:
-        """Renew ownership; False once it is lost (a failed request just waits for the next)."""
+        """Renew ownership; False once it is lost (a failed request just waits for the next).
+
+        Raises ConfigurationFault, and keeps it for `confirm`."""
         with self._lock:
             if self.lost:
                 return False
@@ -95,9 +126,12 @@ class CallOwnership:
                 if not self.store.heartbeat(self.contact_id, self.worker_id):
                     self._lose("heartbeat refused", raise_=False)
                     return False
-            except RetryableError as e:
+            except (RetryableError, PoisonRecordError) as e:
                 log.warning("ownership heartbeat failed: %s", e, extra=self.extra)
                 return True
+            except ConfigurationFault as e:
+                self.fault = e
+                raise
             self._confirmed(began)
             return True
 
@@ -106,9 +140,9 @@ class CallOwnership:
         return self.monotonic() - self._confirmed_at >= self.lease_s / 3
 
     def confirm(self) -> None:
-        """Before a publish: make sure the call is still ours, or raise OwnershipLost."""
-        if self.lost:
-            raise OwnershipLost(f"call {self.contact_id} is no longer ours")
+        """Before a publish: make sure the call is still ours, or raise OwnershipLost
+        (ConfigurationFault if the progress store cannot be used at all)."""
+        self._check()
         if self.monotonic() - self._confirmed_at < self.lease_s * 2 / 3:
             return
         # Throttled or slow writes: keep trying while no one else can have claimed the call.
@@ -121,16 +155,33 @@ class CallOwnership:
         raise OwnershipLost(f"ownership of {self.contact_id} not confirmed within a lease")
 
     def release(self) -> None:
-        """Give the call up after its last save (a failure leaves it to expire)."""
+        """Give the call up after its last save (a failure leaves it to expire).
+
+        Not while the progress is unsaved: released, the call would be resumed
+        from the stale state without reading back what was published since."""
         with self._lock:
             if self.lost:
+                return
+            self.lost = True  # nothing more is done under it
+            if self.unsaved:
+                log.warning(
+                    "ownership not released: progress since the last save is not stored; "
+                    "the next owner reads it back once the lease expires",
+                    extra=self.extra,
+                )
                 return
             try:
                 self.store.release(self.contact_id, self.worker_id)
                 self.writes += 1
-            except RetryableError as e:
+            except (RetryableError, PoisonRecordError) as e:
                 log.warning("ownership not released (it expires): %s", e, extra=self.extra)
-            self.lost = True  # nothing more is done under it
+
+    def _check(self) -> None:
+        """Raise if nothing more may be done under this ownership."""
+        if self.fault is not None:
+            raise ConfigurationFault(f"progress of {self.contact_id}: {self.fault}") from self.fault
+        if self.lost:
+            raise OwnershipLost(f"call {self.contact_id} is no longer ours")
 
     def _confirmed(self, began: float) -> None:
         self.writes += 1
@@ -172,7 +223,12 @@ class Heartbeats:
         with self._lock:
             held = list(self._held.values())
         for ownership in held:
-            if ownership.due() and not ownership.heartbeat():
+            try:
+                renewed = not ownership.due() or ownership.heartbeat()
+            except ConfigurationFault as e:  # kept: the session raises it at its next publish
+                log.critical("ownership heartbeat: %s", e, extra=ownership.extra)
+                renewed = False
+            if not renewed:
                 self.remove(ownership)
 
     def close(self) -> None:

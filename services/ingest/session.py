@@ -29,6 +29,15 @@ the session saves where it is, releases the call and raises `SessionStopped`.
 A save refused because another instance owns the call raises
 `OwnershipLost` at once, with nothing more published. File mode resumes
 only `started`/`ended`: a file call taken over is read again from its start.
+
+A publish the audio stream does not take (`RetryableError` from the sink:
+its own retries are spent) ends the run with `PublishFailed`, never taken
+for a failed media read: the core has already cut those chunks, and reading
+on would skip them. Nothing is saved past what is published; the handler
+runs the call again (`Takeover`: the progress saved, advanced past what the
+stream holds). Likewise the last save, after CallEnded, must be stored
+before the call is released and counted as ended: if it is not, the run
+raises and the call is run again, which finds the CallEnded on the stream.
 """
 
 from __future__ import annotations
@@ -55,6 +64,10 @@ log = logging.getLogger(__name__)
 
 class SessionStopped(Exception):
     """The session was told to stop (its calls shard was lost); progress saved, call released."""
+
+
+class PublishFailed(RetryableError):
+    """The audio stream did not take a publish: this run ends; the call is run again."""
 
 
 _FILE_TRACKS = (Track.FROM_CUSTOMER, Track.TO_CUSTOMER)
@@ -165,7 +178,7 @@ class CallSession:
         # call read back as ended would never publish that chunk.
         self._publish(last[:-1])
         self._publish(last[-1:])
-        self._save()
+        self._save(required=True)
         if self.ownership is not None:
             self.ownership.release()
         ended = self.core.ended
@@ -181,16 +194,21 @@ class CallSession:
         state["reconnects"] = self.reconnects
         return state
 
-    def _save(self) -> None:
+    def _save(self, *, required: bool = False) -> None:
         if self.ownership is not None:
-            self.ownership.save(self.progress())
+            self.ownership.save(self.progress(), required=required)
 
     def _publish(self, events: list[Event]) -> None:
         if not events:
             return
         if self.ownership is not None:
             self.ownership.confirm()  # never publish once the call may be another's
-        self.audio.publish(events)
+        try:
+            self.audio.publish(events)
+        except RetryableError as e:
+            raise PublishFailed(
+                f"{len(events)} events of call {self.call.contact_id} not published: {e}"
+            ) from e
 
     def _check_stop(self) -> None:
         """Between publishes only: everything the core emitted is then on the stream."""
@@ -203,6 +221,8 @@ class CallSession:
         if start is not None and self.core.last_completed_fragment is None:
             try:
                 self._consume(self.media.get_fragments(self.call.stream_arn, [start]))
+            except PublishFailed:
+                raise
             except (MediaStreamError, RetryableError) as e:
                 log.warning(
                     "start fragment not readable on its own (%s); GetMedia only",
@@ -221,6 +241,8 @@ class CallSession:
                 pass  # silence: the idle check below decides
             except EndpointExpired as e:
                 log.info("data endpoint expired (%s); fetching a new one", e, extra=self.extra)
+            except PublishFailed:
+                raise
             except RetryableError as e:
                 failures = 0 if self.core.fragments_seen > seen else failures + 1
                 if failures > self.max_failures:

@@ -12,8 +12,17 @@
    hole in the dead owner's last batch are kept in the state and not
    published again); a CallEnded there means the call is done. The
    advanced state is saved at once, so a later release never hides that
-   window from the next owner;
+   window from the next owner; if that save fails, the run fails and the
+   call is run again (read back again);
 4. run the session, restored from the state (no second CallStarted).
+
+The previous owner may be this instance: a run that failed (a publish or
+its last save not taken, see `session.py`) leaves the call held and
+unreleased, and its next run from `tick` reads back the same way.
+
+Errors out of a run (a `RetryableError`: run again later; a
+`ConfigurationFault` of the progress store or the audio stream: the
+service must stop) are the handler's to act on.
 """
 
 from __future__ import annotations
@@ -110,7 +119,7 @@ class Takeover:
             else self.published.since(contact_id, saved_at_ms - self.margin_ms)
         )
         advanced = advance(state, contact_id, found)
-        ownership.save(advanced)
+        ownership.save(advanced, required=True)
         log.info(
             "previous owner left without releasing: read back %d events in %.2f s",
             len(found),
