@@ -26,7 +26,7 @@ from callstream import aws
 from callstream import log as logsetup
 from callstream.bus.ports import EventSink, Record
 from callstream.config import IngestSettings
-from callstream.errors import PoisonRecordError
+from callstream.errors import ConfigurationFault, PoisonRecordError
 from callstream.events import CallStarted, Event
 from callstream.progress import DynamoProgress, OwnedProgressStore
 from callstream.service import lease_ms, load_settings, publisher, run_service
@@ -134,6 +134,8 @@ class IngestHandler:
                     self._submit(call)
                 continue
             error = future.exception()
+            if isinstance(error, ConfigurationFault):
+                raise error  # no call can succeed: the loop stops the service (exit 3)
             if error is not None:
                 log.error("call session failed: %s", error, extra={"contact_id": contact_id})
             elif future.result() is Outcome.ENDED:

@@ -302,11 +302,6 @@ def test_a_state_refused_as_poison_ends_the_call_unreleased_and_it_is_read_back(
     assert saved is not None and saved["ended"] and "owner" not in store.items[CONTACT]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="services/ingest/main.py IngestHandler.tick logs a run's ConfigurationFault and "
-    "runs the call again; it must raise it so the ServiceLoop stops (exit 3)",
-)
 def test_a_configuration_fault_of_a_call_run_stops_the_ingest_loop() -> None:
     from callstream.bus.ports import Record
     from callstream.config import IngestSettings
