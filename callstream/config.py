@@ -145,7 +145,7 @@ class BusSettings:
             poll_interval_ms=env.integer("CALLSTREAM_POLL_INTERVAL_MS", 200, minimum=10),
             progress_table=env.name("CALLSTREAM_PROGRESS_TABLE", "callstream-progress"),
             writer_pins=writer_pins(env),
-            publish_deadline_s=env.integer("CALLSTREAM_PUBLISH_DEADLINE_MS", 120_000, 50, 3_600_000)
+            publish_deadline_s=env.integer("CALLSTREAM_PUBLISH_DEADLINE_MS", 120_000, 0, 3_600_000)
             / 1000,
             read_mode=env.choice("CALLSTREAM_READ_MODE", "polling", READ_MODES),
             poll_groups=env.integer("CALLSTREAM_POLL_GROUPS", 0, minimum=0, maximum=20),

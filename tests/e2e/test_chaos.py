@@ -20,7 +20,12 @@ sequence), CallStarted or CallEnded twice (ingest resumes a taken-over call
 after its last published fragment; progress lives in a per-run table).
 Then, on the same stack: a round while the emulator throttles 20% of
 Kinesis, DynamoDB and S3 requests (nothing lost); SIGTERM releases the
-leases (handed over, not expired); a poison record is dead-lettered by each
+leases (handed over, not expired); the combined round: 30 calls (4
+transcribed) while Kinesis (partial PutRecords), DynamoDB and S3 are
+throttled, the transcribers' publishes fail at their first refusal
+(deadline 0), and instances are SIGKILLed and SIGSTOPped past their lease,
+all at once (same outputs, no dead letter, every checkpoint at its stream's
+end); a poison record is dead-lettered by each
 service (at least once: a shard handed over before its checkpoint may
 dead-letter it again) and its original is redriven once.
 
@@ -46,7 +51,7 @@ from callstream import aws
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.deadletters import list_dead_letters
 from callstream.local.demo import SAMPLE_DIR, list_recordings, read_rows
-from callstream.local.processes import SERVICES, ServiceGroup, ServiceProcess
+from callstream.local.processes import SERVICES, ServiceGroup
 from callstream.local.provision import provision
 from callstream.local.simulator import CallPlayer, read_wav_pcm
 from callstream.service import ensure_stream
@@ -57,6 +62,7 @@ log = logging.getLogger(__name__)
 
 SEED = int(os.environ.get("CALLSTREAM_CHAOS_SEED", "4"))
 SPEED = 4.0
+TRANSCRIBED = 4  # calls of a round transcribed, at most (the reference has their rows)
 BYTES_PER_S = 16_000
 
 
@@ -186,9 +192,35 @@ def kill_randomly(
         victim = rng.choice(victims)
         victim.kill()
         group.processes.remove(victim)
-        group.processes.append(ServiceProcess(name, next_index, group.env, group.log_dir))
+        group.spawn(name, next_index)
         next_index += 1
         chaos.kills.append((round(time.monotonic() - started, 1), f"{name}-{victim.index}"))
+
+
+def freeze_randomly(
+    group: ServiceGroup,
+    rng: random.Random,
+    freezes: int,
+    every_s: float,
+    frozen_s: float,
+    stop: threading.Event,
+    chaos: ChaosLog,
+) -> None:
+    """SIGSTOP a random live instance for `frozen_s` (past its lease), then SIGCONT it."""
+    started = time.monotonic()
+    for _ in range(freezes):
+        if stop.wait(rng.uniform(0.5 * every_s, 1.5 * every_s)):
+            return
+        victims = [p for p in group.processes if p.alive()]
+        victim = rng.choice(victims)
+        victim.freeze()
+        chaos.kills.append(
+            (round(time.monotonic() - started, 1), f"froze {victim.name}-{victim.index}")
+        )
+        try:
+            time.sleep(frozen_s)
+        finally:
+            victim.thaw()
 
 
 def row_view(rows: list[dict[str, Any]], contact_id: str) -> list[tuple[Any, ...]]:
@@ -376,19 +408,30 @@ def play_round(
     kills: int,
     every_s: float,
     timeout_s: float = 240,
+    freezes: int = 0,
+    frozen_s: float = 0.0,
 ) -> RoundResult:
-    """Play `calls` while killing instances; wait for the outputs; compare them."""
+    """Play `calls` while killing (and freezing) instances; wait for the outputs; compare."""
     started = time.monotonic()
     ended = EndedCalls(env)
     chaos = ChaosLog()
     stop = threading.Event()
-    monkey = threading.Thread(
-        target=kill_randomly, args=(group, rng, kills, every_s, stop, chaos), daemon=True
-    )
-    monkey.start()
+    monkeys = [
+        threading.Thread(
+            target=kill_randomly, args=(group, rng, kills, every_s, stop, chaos), daemon=True
+        ),
+        threading.Thread(
+            target=freeze_randomly,
+            args=(group, random.Random(rng.random()), freezes, 2 * every_s, frozen_s, stop, chaos),
+            daemon=True,
+        ),
+    ]
+    for monkey in monkeys:
+        monkey.start()
     for thread in play_calls(env, calls, rng, stagger_s=0.5):
         thread.join()
-    monkey.join()
+    for monkey in monkeys:
+        monkey.join()
     want = {calls[i].contact_id: rows for i, rows in expected.items()}
 
     def settled() -> bool:
@@ -450,7 +493,7 @@ def chaos_stack(
 def reference(chaos_stack: tuple[dict[str, str], ServiceGroup]) -> dict[int, Any]:
     """The transcribed calls' rows in an undisturbed run."""
     env, _ = chaos_stack
-    rows = undisturbed_rows(env, make_calls(random.Random(SEED), 20, 2, 6.0, "ref"))
+    rows = undisturbed_rows(env, make_calls(random.Random(SEED), 20, TRANSCRIBED, 6.0, "ref"))
     assert all(rows.values()), "the undisturbed run wrote no rows"
     return rows
 
@@ -460,8 +503,9 @@ def test_killing_instances_during_live_calls_loses_and_duplicates_nothing(
 ) -> None:
     env, group = chaos_stack
     calls = make_calls(random.Random(SEED), 20, 2, 6.0, f"c{SEED}")
+    expected = {i: reference[i] for i in (0, 1)}
     result = play_round(
-        env, group, calls, reference, rng=random.Random(SEED + 1), kills=6, every_s=2.0
+        env, group, calls, expected, rng=random.Random(SEED + 1), kills=6, every_s=2.0
     )
     print(f"seed {SEED}: killed {result.kills} in a {result.seconds} s round")
     bad = result.wav_mismatches
@@ -497,6 +541,105 @@ def test_throttled_kinesis_dynamodb_and_s3_lose_nothing(
     assert result.dead_letters == []
     # Not asserted: a publish in flight when a throttled owner's lease ran out may repeat.
     print("repeated on the audio stream:", repeated_audio(env, {c.contact_id for c in calls}))
+
+
+def test_throttles_partial_puts_failed_publishes_kills_and_freezes_at_once_lose_nothing(
+    emulator: Any,
+    chaos_stack: tuple[dict[str, str], ServiceGroup],
+    reference: dict[int, Any],
+) -> None:
+    """The combined round: every fault the world sends, at once, on 30 calls."""
+    env, group = chaos_stack
+    calls = make_calls(random.Random(SEED), 30, TRANSCRIBED, 6.0, f"x{SEED}")
+    faults = emulator.faults
+    faults.throttle_kinesis(0.2, seed=SEED, partial_put_records=True)
+    faults.throttle_dynamodb(0.2, seed=SEED, partial_batch_writes=True)
+    faults.throttle_s3(0.2, seed=SEED)
+    # The transcribers give up on a publish at its first refusal (deadline 0): their publishes
+    # fail (StoreUnavailable) and are retried from the outbox, as in the fault issue.
+    group.overrides["transcriber"] = {"CALLSTREAM_PUBLISH_DEADLINE_MS": "0"}
+    for process in [p for p in group.processes if p.name == "transcriber"]:
+        process.stop()
+        group.processes.remove(process)
+        group.spawn("transcriber", process.index + 50)
+    try:
+        result = play_round(
+            env,
+            group,
+            calls,
+            reference,
+            rng=random.Random(SEED + 2),
+            kills=6,
+            every_s=2.0,
+            freezes=3,
+            frozen_s=4.5,  # past the 3 s lease: the others take over, then it wakes up
+            timeout_s=300,
+        )
+    finally:
+        faults.clear()
+    print(f"combined round: {len(calls)} calls, {result.kills} in {result.seconds} s")
+    failed = failed_publishes(group)
+    print("failed transcriber publishes:", failed)
+    assert result.wav_mismatches == [], result.kills
+    assert result.row_mismatches == {}, result.kills
+    assert result.dead_letters == []
+    assert wait_until(lambda: not lagging_checkpoints(env), 90), lagging_checkpoints(env)
+    assert failed > 0, "no transcriber publish failed: the round did not test the outbox"
+
+
+def failed_publishes(group: ServiceGroup) -> int:
+    """Publishes the transcribers gave up on (and retried): lines in their logs."""
+    logs = group.log_dir.glob("transcriber-*.log")
+    return sum(path.read_text(errors="replace").count("not accepted by stream") for path in logs)
+
+
+def lagging_checkpoints(env: dict[str, str]) -> list[str]:
+    """Every group's shards whose checkpoint is not past the shard's last record."""
+    from callstream.bus.leases import LeaseTable
+
+    kinesis = aws.client("kinesis", env["APP_REGION"])
+    table = LeaseTable(aws.client("dynamodb", env["APP_REGION"]), env["CALLSTREAM_LEASE_TABLE"])
+    groups = {
+        "ingest": env["CALLSTREAM_CALLS_STREAM"],
+        "transcriber": env["CALLSTREAM_AUDIO_STREAM"],
+        "recorder": env["CALLSTREAM_AUDIO_STREAM"],
+        "persister": env["CALLSTREAM_TRANSCRIPTS_STREAM"],
+    }
+    lagging = []
+    for name, stream in groups.items():
+        leases = {lease.shard_id: lease for lease in table.scan(f"{name}/{stream}/")}
+        for shard_id, last in last_sequences(kinesis, stream).items():
+            lease = leases.get(shard_id)
+            at = lease.checkpoint if lease else None
+            done = lease is not None and (
+                at == "SHARD_END" or (at == last and not lease.checkpoint_inclusive)
+            )
+            if last is not None and not done:
+                lagging.append(f"{name} {shard_id}: checkpoint {at}, last record {last}")
+    return lagging
+
+
+def last_sequences(kinesis: Any, stream: str) -> dict[str, str | None]:
+    """Each shard's last sequence number (None: empty), read from its start."""
+    out: dict[str, str | None] = {}
+    for shard in kinesis.list_shards(StreamName=stream)["Shards"]:
+        iterator = kinesis.get_shard_iterator(
+            StreamName=stream, ShardId=shard["ShardId"], ShardIteratorType="TRIM_HORIZON"
+        )["ShardIterator"]
+        last = None
+        while iterator:
+            try:
+                page = kinesis.get_records(ShardIterator=iterator, Limit=10_000)
+            except kinesis.exceptions.ProvisionedThroughputExceededException:
+                time.sleep(0.5)
+                continue
+            if page["Records"]:
+                last = page["Records"][-1]["SequenceNumber"]
+            iterator = page.get("NextShardIterator")
+            if not page["Records"] and page.get("MillisBehindLatest", 0) == 0:
+                break
+        out[shard["ShardId"]] = last
+    return out
 
 
 def test_sigterm_releases_the_leases_so_the_other_instance_takes_over_at_once(

@@ -71,7 +71,7 @@ def test_public_read_is_off_by_default() -> None:
         (TranscriberSettings.from_env, {"CALLSTREAM_ASR_ENGINE": "siri"}, "CALLSTREAM_ASR_ENGINE"),
         (
             TranscriberSettings.from_env,
-            {"CALLSTREAM_PUBLISH_DEADLINE_MS": "0"},
+            {"CALLSTREAM_PUBLISH_DEADLINE_MS": "-1"},
             "CALLSTREAM_PUBLISH_DEADLINE_MS",
         ),
     ],
