@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from callstream.local.kvs_store import FragmentStore, StoredFragment
+from callstream.local.kvs_store import FragmentHead, FragmentStore, StoredFragment
 
 DEFAULT_LIST_LIMIT = 1000
 
@@ -49,7 +49,7 @@ class StartPoint:
     timestamp_kind: str | None = None
     min_ms: int = 0
 
-    def admits(self, fragment: StoredFragment) -> bool:
+    def admits(self, fragment: StoredFragment | FragmentHead) -> bool:
         """Whether the response may start with this fragment."""
         if self.timestamp_kind == "PRODUCER_TIMESTAMP":
             return fragment.producer_ms >= self.min_ms

@@ -12,7 +12,11 @@ Rules, as the emulator's KVS media endpoint applies them:
 - Tags before a Segment's first Cluster are that Cluster's leading tags. Tags
   after a Cluster are its trailing tags, up to the next Cluster, EBML header,
   Segment, Info or Tracks, or the end of the stream; that is also when the
-  fragment is complete. So a fragment is released when the next one starts.
+  fragment is complete. So a fragment is released whole (`MediaFragment`)
+  when the next one starts; before that it is reported as it arrives:
+  `FragmentStarted` once its Cluster Timecode is read (with the header,
+  leading tags and Cluster bytes so far), `ClusterData` with the Cluster
+  bytes each `feed()` added, `TrailingTags` for each Tags element after it.
 - Tags elements holding only reserved `AWS_KINESISVIDEO_*` tags are dropped
   (the server writes its own), so a GetMedia output fed back in does not
   carry two fragment numbers.
@@ -54,10 +58,37 @@ _BUFFERED = frozenset({EBML, INFO, TRACKS, TAGS})
 
 @dataclass(frozen=True)
 class FragmentStarted:
-    """A Cluster began arriving; its Timecode is known."""
+    """A Cluster began arriving; its Timecode is known.
+
+    `cluster` holds its bytes so far (header and Timecode at least); `info`,
+    `tracks` and `leading_tags` are the fragment's, as `MediaFragment` will carry them.
+    """
 
     timecode: int
     timecode_scale: int
+    info: bytes = b""
+    tracks: bytes = b""
+    leading_tags: tuple[bytes, ...] = ()
+    cluster: bytes = b""
+
+    @property
+    def timecode_ms(self) -> int:
+        """The Cluster Timecode in milliseconds."""
+        return self.timecode * self.timecode_scale // 1_000_000
+
+
+@dataclass(frozen=True)
+class ClusterData:
+    """More bytes of the started fragment's Cluster, exactly as received."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TrailingTags:
+    """A Tags element after the started fragment's Cluster (one of its trailing tags)."""
+
+    tags: bytes
 
 
 @dataclass(frozen=True)
@@ -78,7 +109,7 @@ class MediaFragment:
         return self.timecode * self.timecode_scale // 1_000_000
 
 
-FragmenterEvent = FragmentStarted | MediaFragment
+FragmenterEvent = FragmentStarted | ClusterData | TrailingTags | MediaFragment
 
 
 @dataclass
@@ -86,6 +117,7 @@ class _Cluster:
     data: bytearray
     remaining: int | None  # payload bytes left for a known-size Cluster
     timecode: int | None = None
+    reported: int = 0  # bytes of `data` already reported (FragmentStarted, ClusterData)
 
 
 class Fragmenter:
@@ -115,6 +147,8 @@ class Fragmenter:
                 self._step(events)
         except NeedMoreData:
             pass
+        if self._cluster is not None:
+            self._report(self._cluster, events)
         del self._buf[: self._pos]
         self._pos = 0
         return events
@@ -126,7 +160,7 @@ class Fragmenter:
         if cluster is not None:
             if cluster.remaining or self._copy or self._buf:
                 raise InvalidEbml("stream ended inside a Cluster")
-            self._end_cluster()
+            self._end_cluster(events)
         elif self._buf or self._discard:
             raise InvalidEbml(f"stream ended inside an element ({len(self._buf)} bytes left)")
         self._finish(events)
@@ -178,8 +212,13 @@ class Fragmenter:
         self, eid: int, whole: bytes, payload: bytes, events: list[FragmenterEvent]
     ) -> None:
         if eid == TAGS:
-            if not _is_reserved_tags(payload):
-                (self._trailing if self._done is not None else self._leading).append(whole)
+            if _is_reserved_tags(payload):
+                return
+            if self._done is not None:
+                self._trailing.append(whole)
+                events.append(TrailingTags(whole))
+            else:
+                self._leading.append(whole)
             return
         self._finish(events)
         if eid == EBML:
@@ -196,14 +235,14 @@ class Fragmenter:
         if self._copy:
             count = min(self._copy, len(self._buf) - self._pos)
             self._copy -= count
-            self._take(count)
+            self._take(count, events)
             return
         if cluster.remaining == 0:
-            self._end_cluster()
+            self._end_cluster(events)
             return
         eid, id_len = read_id(self._buf, self._pos)
         if cluster.remaining is None and (eid in SEGMENT_CHILDREN or eid in TOP_LEVEL):
-            self._end_cluster()
+            self._end_cluster(events)
             return
         size, size_len = read_size(self._buf, self._pos + id_len)
         if size == UNKNOWN_SIZE:
@@ -215,7 +254,7 @@ class Fragmenter:
             self._read_timecode(cluster, head, size, events)
             return
         self._copy = size
-        self._take(head)
+        self._take(head, events)
 
     def _read_timecode(
         self, cluster: _Cluster, head: int, size: int, events: list[FragmenterEvent]
@@ -226,10 +265,25 @@ class Fragmenter:
         if end > len(self._buf):
             raise NeedMoreData
         cluster.timecode = int.from_bytes(self._buf[self._pos + head : end], "big")
-        self._take(head + size)
-        events.append(FragmentStarted(cluster.timecode, self._scale))
+        cluster.data += self._buf[self._pos : end]
+        self._pos = end
+        if cluster.remaining is not None:
+            cluster.remaining -= head + size
+        cluster.reported = len(cluster.data)
+        events.append(
+            FragmentStarted(
+                cluster.timecode,
+                self._scale,
+                self._info,
+                self._tracks,
+                tuple(self._leading),
+                bytes(cluster.data),
+            )
+        )
+        if cluster.remaining == 0:
+            self._end_cluster(events)
 
-    def _take(self, count: int) -> None:
+    def _take(self, count: int, events: list[FragmenterEvent]) -> None:
         """Move `count` buffered bytes into the current Cluster."""
         cluster = self._cluster
         assert cluster is not None
@@ -238,13 +292,20 @@ class Fragmenter:
         if cluster.remaining is not None:
             cluster.remaining -= count
             if cluster.remaining == 0 and not self._copy:
-                self._end_cluster()
+                self._end_cluster(events)
 
-    def _end_cluster(self) -> None:
+    def _report(self, cluster: _Cluster, events: list[FragmenterEvent]) -> None:
+        """ClusterData with the started Cluster's bytes not reported yet."""
+        if cluster.timecode is not None and len(cluster.data) > cluster.reported:
+            events.append(ClusterData(bytes(cluster.data[cluster.reported :])))
+            cluster.reported = len(cluster.data)
+
+    def _end_cluster(self, events: list[FragmenterEvent]) -> None:
         cluster = self._cluster
         assert cluster is not None
         if cluster.timecode is None:
             raise InvalidEbml("Cluster without a Timecode")
+        self._report(cluster, events)
         self._cluster = None
         self._done = cluster
         self._done_leading = tuple(self._leading)

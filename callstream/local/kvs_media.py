@@ -5,9 +5,14 @@ Speaks the wire protocol boto3 (`kinesis-video-media`,
 
 - `POST /putMedia`: streaming MKV body (chunked), streaming JSON ACKs back.
 - `POST /getMedia`: JSON StartSelector in, `video/webm` chunked stream out;
-  stays open while a producer is connected to the stream; once every fragment
-  was sent it ends `get_media_idle_timeout` seconds after the last producer
-  left (after the request, on a stream never produced to).
+  a fragment is sent as PutMedia stores it (its header when its Cluster
+  starts, then its blocks and tags as they come, its position tags once it
+  is complete), never held back until the next one starts; a fragment the
+  producer breaks off inside cuts the connection (the reader resumes from
+  its last continuation token). Stays open while a producer is connected to
+  the stream; once every fragment was sent it ends `get_media_idle_timeout`
+  seconds after the last producer left (after the request, on a stream never
+  produced to).
 - `POST /getMediaForFragmentList`, `POST /listFragments`: archived media.
 - `GET|POST /_emulator/faults`: fault control for other processes (see faults.py).
 
@@ -38,9 +43,9 @@ from callstream.local.kvs_api import (
     select_fragments,
     start_point,
 )
-from callstream.local.kvs_output import render_fragment
+from callstream.local.kvs_output import render_fragment, render_head, render_tail
 from callstream.local.kvs_put_media import TIMECODE_TYPES, PutMediaSession
-from callstream.local.kvs_store import FragmentStore
+from callstream.local.kvs_store import COMPLETE, OPEN, FragmentStore, LiveFragment
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +189,7 @@ class _MediaHandler(BaseHTTPRequestHandler):
                 self._write_acks(session.close())
             self._write_chunk(b"")
         finally:
+            session.abandon()
             self.ctx.store.producer_disconnected(arn)
         logger.info("PutMedia on %s: %d fragments stored", name, session.fragments_stored)
 
@@ -225,12 +231,32 @@ class _MediaHandler(BaseHTTPRequestHandler):
         idle = self.ctx.options.get_media_idle_timeout
         while (fragment := self.ctx.store.wait_next(arn, after, idle)) is not None:
             after = fragment.number
-            if not started and not start.admits(fragment):
+            if not started and not start.admits(fragment.head):
                 continue
             started = True
-            if not self._send_budgeted(render_fragment(fragment, now_ms()), budget):
+            if not self._stream_fragment(arn, fragment, budget):
                 return
         self._write_chunk(b"")
+
+    def _stream_fragment(self, arn: str, fragment: LiveFragment, budget: _Budget) -> bool:
+        """Send one fragment as it is stored; False once the connection was cut."""
+        if not self._send_budgeted(render_head(fragment.head), budget):
+            return False
+        cluster_sent = trailing_sent = 0
+        while True:
+            progress = self.ctx.store.follow(arn, fragment, cluster_sent, trailing_sent)
+            cluster_sent += len(progress.cluster)
+            trailing_sent += len(progress.trailing_tags)
+            data = progress.cluster + b"".join(progress.trailing_tags)
+            if data and not self._send_budgeted(data, budget):
+                return False
+            if progress.state == COMPLETE:
+                tail = render_tail(fragment.head, now_ms())
+                return self._send_budgeted(tail, budget, fragment_end=True)
+            if progress.state != OPEN:  # the producer broke off inside it, or shutdown
+                logger.info("fragment %d %s: cutting GetMedia", fragment.number, progress.state)
+                self._cut()
+                return False
 
     def _get_media_for_fragment_list(self) -> None:
         body = self._read_json()
@@ -263,17 +289,23 @@ class _MediaHandler(BaseHTTPRequestHandler):
         region = match.group(1) if match else self.ctx.options.region
         return self.ctx.resolve(name or None, arn or None, region)
 
-    def _send_budgeted(self, data: bytes, budget: _Budget) -> bool:
-        """Send one fragment; on a cut fault send what the budget allows, then drop."""
+    def _send_budgeted(self, data: bytes, budget: _Budget, *, fragment_end: bool = False) -> bool:
+        """Send part of a fragment; on a cut fault send what the budget allows, then drop."""
         allowed = budget.take(len(data))
         if allowed:
             self._write_chunk(data[:allowed])
+        if allowed == len(data) and fragment_end:
+            budget.fragment_sent()
         if allowed == len(data) and not budget.exhausted:
             return True
         logger.info("fault: cutting a GetMedia connection")
+        self._cut()
+        return False
+
+    def _cut(self) -> None:
+        """Drop the connection without ending the chunked body: the client sees it broken."""
         self.close_connection = True
         self.connection.shutdown(socket.SHUT_RDWR)
-        return False
 
     def _write_acks(self, acks: list[dict[str, Any]]) -> None:
         for ack in acks:
@@ -348,15 +380,18 @@ class _Budget:
         return self.fragments == 0 or self.size == 0
 
     def take(self, size: int) -> int:
-        """Bytes of a `size`-byte fragment that may still be sent."""
+        """Bytes of a `size`-byte piece of a fragment that may still be sent."""
         if self.fragments == 0:
             return 0
         allowed = size if self.size is None else min(size, self.size)
         if self.size is not None:
             self.size -= allowed
-        if self.fragments is not None and allowed == size:
-            self.fragments -= 1
         return allowed
+
+    def fragment_sent(self) -> None:
+        """A whole fragment went out."""
+        if self.fragments is not None:
+            self.fragments -= 1
 
 
 def _split_path(path: str) -> tuple[int | None, str]:

@@ -4,12 +4,14 @@ Each fragment is a self-contained Matroska document, as real KVS writes it:
 EBML header, an unknown-size Segment holding the producer's Info and Tracks,
 the fragment's leading tags, the server's fragment-number/timestamp tags, the
 Cluster exactly as received, the trailing tags, then the millis-behind-now and
-continuation-token tags.
+continuation-token tags. A live fragment is sent in that order as it arrives:
+`render_head` when its Cluster starts, the Cluster bytes and trailing tags as
+they come, `render_tail` once it is complete.
 """
 
 from __future__ import annotations
 
-from callstream.local.kvs_store import StoredFragment
+from callstream.local.kvs_store import FragmentHead, StoredFragment
 from callstream.mkv.ebml import SEGMENT, UNKNOWN_SIZE, ebml_header, encode_id, encode_size
 from callstream.mkv.ebml import tags_element as _tags
 
@@ -25,29 +27,38 @@ def format_timestamp(epoch_ms: int) -> str:
     return f"{epoch_ms // 1000}.{epoch_ms % 1000:03d}"
 
 
-def render_fragment(fragment: StoredFragment, now_ms: int) -> bytes:
-    """One GetMedia fragment; `now_ms` (epoch ms) sets MILLIS_BEHIND_NOW."""
-    media = fragment.media
-    number = fragment.number_str
+def render_head(head: FragmentHead) -> bytes:
+    """Everything GetMedia sends of a fragment before its Cluster."""
     identity = _tags(
         [
-            (FRAGMENT_NUMBER_TAG, number),
-            (SERVER_TIMESTAMP_TAG, format_timestamp(fragment.server_ms)),
-            (PRODUCER_TIMESTAMP_TAG, format_timestamp(fragment.producer_ms)),
+            (FRAGMENT_NUMBER_TAG, str(head.number)),
+            (SERVER_TIMESTAMP_TAG, format_timestamp(head.server_ms)),
+            (PRODUCER_TIMESTAMP_TAG, format_timestamp(head.producer_ms)),
         ]
     )
-    behind = max(0, now_ms - fragment.server_ms)
-    position = _tags([(MILLIS_BEHIND_NOW_TAG, str(behind)), (CONTINUATION_TOKEN_TAG, number)])
     return b"".join(
         [
             ebml_header(),
             encode_id(SEGMENT) + encode_size(UNKNOWN_SIZE),
-            media.info,
-            media.tracks,
-            *media.leading_tags,
+            head.info,
+            head.tracks,
+            *head.leading_tags,
             identity,
-            media.cluster,
-            *media.trailing_tags,
-            position,
         ]
+    )
+
+
+def render_tail(head: FragmentHead, now_ms: int) -> bytes:
+    """The position tags that close a fragment; `now_ms` (epoch ms) sets MILLIS_BEHIND_NOW."""
+    behind = max(0, now_ms - head.server_ms)
+    number = str(head.number)
+    return _tags([(MILLIS_BEHIND_NOW_TAG, str(behind)), (CONTINUATION_TOKEN_TAG, number)])
+
+
+def render_fragment(fragment: StoredFragment, now_ms: int) -> bytes:
+    """One whole GetMedia fragment; `now_ms` (epoch ms) sets MILLIS_BEHIND_NOW."""
+    head = FragmentHead.of(fragment)
+    media = fragment.media
+    return b"".join(
+        [render_head(head), media.cluster, *media.trailing_tags, render_tail(head, now_ms)]
     )

@@ -1,7 +1,9 @@
 """One PutMedia connection: bytes in, stored fragments and ACK events out.
 
 Pure of HTTP: the media endpoint feeds the request body here and streams the
-returned ACK events back, the way real KVS does:
+returned ACK events back; fragments go into the store as they arrive (opened
+when their Cluster starts, grown block by block, completed when the next one
+starts), so GetMedia can stream them live. ACKs are the ones real KVS sends:
 `{"EventType": "BUFFERING"|"RECEIVED"|"PERSISTED"|"ERROR", "FragmentTimecode": ..,
 "FragmentNumber": ".."}`, with `ErrorId`/`ErrorCode` on ERROR.
 """
@@ -15,12 +17,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from callstream.local.kvs_fragmenter import (
+    ClusterData,
     Fragmenter,
     FragmenterEvent,
     FragmentStarted,
     MediaFragment,
+    TrailingTags,
 )
-from callstream.local.kvs_store import FragmentStore, StoredFragment
+from callstream.local.kvs_store import FragmentHead, FragmentStore, LiveFragment, StoredFragment
 from callstream.mkv.ebml import InvalidEbml
 
 logger = logging.getLogger(__name__)
@@ -39,6 +43,7 @@ class _Pending:
     number: int
     server_ms: int
     timecode_ms: int
+    live: LiveFragment
 
 
 class PutMediaSession:
@@ -83,28 +88,46 @@ class PutMediaSession:
         except InvalidEbml as e:
             return [self._error(e)]
 
+    def abandon(self) -> None:
+        """The connection is over: drop a fragment left open (the producer broke off in it)."""
+        while self._pending:
+            self._store.abort(self._arn, self._pending.popleft().live)
+
     def _handle(self, events: list[FragmenterEvent]) -> list[Ack]:
         acks: list[Ack] = []
         for event in events:
             if isinstance(event, FragmentStarted):
                 acks.append(self._started(event))
+            elif isinstance(event, ClusterData):
+                self._store.grow(self._arn, self._pending[-1].live, event.data)
+            elif isinstance(event, TrailingTags):
+                self._store.add_trailing(self._arn, self._pending[-1].live, event.tags)
             else:
                 acks.extend(self._completed(event))
         return acks
 
     def _started(self, event: FragmentStarted) -> Ack:
-        timecode_ms = event.timecode * event.timecode_scale // 1_000_000
-        pending = _Pending(self._store.next_number(), self._clock_ms(), timecode_ms)
+        producer_ms = event.timecode_ms
+        if self._relative:
+            producer_ms += self._producer_start_ms
+        head = FragmentHead(
+            self._store.next_number(),
+            self._clock_ms(),
+            producer_ms,
+            event.info,
+            event.tracks,
+            event.leading_tags,
+        )
+        live = self._store.open(self._arn, head, event.cluster)
+        pending = _Pending(head.number, head.server_ms, event.timecode_ms, live)
         self._pending.append(pending)
         return _ack("BUFFERING", pending)
 
     def _completed(self, media: MediaFragment) -> list[Ack]:
         pending = self._pending.popleft()
-        producer_ms = media.timecode_ms
-        if self._relative:
-            producer_ms += self._producer_start_ms
-        stored = StoredFragment(pending.number, pending.server_ms, producer_ms, media)
-        self._store.append(self._arn, stored)
+        head = pending.live.head
+        stored = StoredFragment(head.number, head.server_ms, head.producer_ms, media)
+        self._store.complete(self._arn, pending.live, stored)
         self.fragments_stored += 1
         return [_ack("RECEIVED", pending), _ack("PERSISTED", pending)]
 
@@ -118,6 +141,7 @@ class PutMediaSession:
             ack["FragmentTimecode"] = pending.timecode_ms
             ack["FragmentNumber"] = str(pending.number)
         ack["Message"] = str(error)
+        self.abandon()
         return ack
 
 

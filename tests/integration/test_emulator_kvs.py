@@ -1,4 +1,8 @@
-"""The emulator's KVS endpoints through real boto3 and the PutMedia client."""
+"""The emulator's KVS endpoints through real boto3 and the PutMedia client.
+
+GetMedia streams a fragment as PutMedia stores it (block by block, never held
+until the next fragment starts), as real KVS does.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from botocore.exceptions import ClientError, ResponseStreamingError
 from callstream.local.emulator import Emulator
 from callstream.local.faults import remote_faults
 from callstream.local.kvs_producer import KvsMediaError, put_media
+from callstream.mkv import FrameRead, MkvStreamReader
 from callstream.mkv import ebml as E
 
 pytestmark = pytest.mark.integration
@@ -552,6 +557,140 @@ def test_live_get_media_delivers_fragments_while_the_producer_is_sending(
     assert [doc.cluster for doc in documents(bytes(received))] == produced.clusters
     assert len(arrivals) == 6
     assert arrivals[0] < done - 0.3  # the first fragment came long before the producer ended
+
+
+class LiveReader:
+    """Reads a GetMedia response in a thread as bytes arrive (read1), stamping each piece."""
+
+    def __init__(self, stream: KvsStream, selector: dict[str, Any]) -> None:
+        response = stream.media().get_media(StreamARN=stream.arn, StartSelector=selector)
+        self.raw = response["Payload"]._raw_stream
+        self.data = bytearray()
+        self.frames: list[tuple[bytes, float]] = []  # (frame data, when it parsed)
+        self.broken: Exception | None = None
+        self._reader = MkvStreamReader()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while data := self.raw.read1(65536):
+                self.data += data
+                now = time.monotonic()
+                for event in self._reader.feed(data):
+                    if isinstance(event, FrameRead):
+                        self.frames.append((event.data, now))
+        except Exception as e:  # a cut connection
+            self.broken = e
+
+    def wait_for(self, needle: bytes, timeout: float = 5.0) -> float:
+        """Seconds until `needle` has arrived."""
+        started = time.monotonic()
+        while needle not in self.data:
+            assert time.monotonic() - started < timeout, f"{needle[:16]!r} never arrived"
+            time.sleep(0.005)
+        return time.monotonic() - started
+
+    def join(self, timeout: float = 10.0) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive()
+
+
+def test_a_fragment_is_sent_as_soon_as_its_cluster_is_stored(kvs_stream: KvsStream) -> None:
+    produced = connect_stream(3)
+    gate = [threading.Event() for _ in range(4)]
+
+    def produce() -> Iterator[bytes]:
+        for index, chunk in enumerate(produced.chunks):
+            if index % 3 == 0:  # each fragment's leading tags wait for the test
+                assert gate[index // 3].wait(10)
+            yield chunk
+        assert gate[3].wait(10)  # and so does the end of the body
+
+    gate[0].set()
+    producer = threading.Thread(target=kvs_stream.put, args=(produce(),), daemon=True)
+    producer.start()
+    time.sleep(0.1)  # connected: GetMedia stays open
+    reader = LiveReader(kvs_stream, {"StartSelectorType": "EARLIEST"})
+    for index in range(3):
+        # The producer is held before the next fragment: nothing else can release this one.
+        assert reader.wait_for(produced.clusters[index]) < 1.0
+        assert reader.data.count(AWS_TAG) == index  # position tags come once it is complete
+        gate[index + 1].set()
+    producer.join(10)
+    reader.join()
+    assert [doc.cluster for doc in documents(bytes(reader.data))] == produced.clusters
+
+
+def test_blocks_of_an_unknown_size_cluster_are_sent_as_they_are_put(
+    kvs_stream: KvsStream,
+) -> None:
+    produced = connect_stream(1, unknown_size=True)
+    cluster = produced.clusters[0]
+    blocks = list(walk_cluster_children(cluster))
+    put_at: list[float] = []
+
+    def produce() -> Iterator[bytes]:
+        yield produced.chunks[0]
+        yield cluster[: blocks[0][0]]  # header, Timecode, Position
+        for start, end in blocks:
+            time.sleep(0.1)
+            put_at.append(time.monotonic())
+            yield cluster[start:end]
+        yield produced.chunks[2]
+
+    producer = threading.Thread(target=kvs_stream.put, args=(produce(),), daemon=True)
+    producer.start()
+    time.sleep(0.05)
+    reader = LiveReader(kvs_stream, {"StartSelectorType": "EARLIEST"})
+    producer.join(10)
+    reader.join()
+    assert len(reader.frames) == len(blocks) == 8
+    latencies = [seen - put for (_, seen), put in zip(reader.frames, put_at, strict=True)]
+    assert max(latencies) < 0.09, latencies  # each block before the producer's next one
+    assert [doc.cluster for doc in documents(bytes(reader.data))] == produced.clusters
+
+
+def walk_cluster_children(cluster: bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of each SimpleBlock in a Cluster's bytes."""
+    _, id_len = E.read_id(cluster, 0)
+    _, size_len = E.read_size(cluster, id_len)
+    pos = id_len + size_len
+    while pos < len(cluster):
+        eid, child_id_len = E.read_id(cluster, pos)
+        size, child_size_len = E.read_size(cluster, pos + child_id_len)
+        end = pos + child_id_len + child_size_len + size
+        if eid == E.SIMPLE_BLOCK:
+            yield pos, end
+        pos = end
+
+
+def test_a_fragment_the_producer_breaks_off_cuts_its_readers_and_is_not_kept(
+    kvs_stream: KvsStream,
+) -> None:
+    produced = connect_stream(2)
+    half = len(produced.clusters[1]) // 2
+    held = threading.Event()
+
+    def produce() -> Iterator[bytes]:
+        yield from produced.chunks[:3]
+        yield produced.chunks[3]
+        yield produced.clusters[1][:half]
+        held.wait(10)
+
+    acks: list[dict[str, Any]] = []
+    producer = threading.Thread(target=lambda: acks.extend(kvs_stream.put(produce())), daemon=True)
+    producer.start()
+    time.sleep(0.1)
+    reader = LiveReader(kvs_stream, {"StartSelectorType": "EARLIEST"})
+    reader.wait_for(produced.clusters[1][half - 64 : half])  # half of fragment 2 was sent live
+    held.set()  # the body ends inside the Cluster: an ERROR ack, the fragment is dropped
+    producer.join(10)
+    reader.join()
+    assert reader.broken is not None
+    assert [ack["EventType"] for ack in acks][-1] == "ERROR"
+    kept = kvs_stream.get_media({"StartSelectorType": "EARLIEST"})
+    assert [doc.cluster for doc in kept] == produced.clusters[:1]
 
 
 def test_now_starts_with_the_next_fragment_to_arrive(kvs_stream: KvsStream) -> None:
