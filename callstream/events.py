@@ -132,13 +132,46 @@ class DeadLetter:
     data: bytes
 
 
-Event = CallStarted | AudioChunkCaptured | CallEnded | TranscriptSegmentProduced | DeadLetter
+@dataclass(frozen=True, slots=True)
+class RecordingStored:
+    """A recording of a call is complete in S3 (published only for a whole, non-empty object)."""
+
+    schema_name: ClassVar[str] = "callstream.events.RecordingStored"
+    contact_id: str
+    s3_uri: str
+    bucket: str
+    key: str
+    format: str
+    channel_tracks: tuple[Track, ...]
+    channels: int
+    sample_rate: int
+    duration_ms: int
+    byte_count: int
+    checksum_algorithm: str
+    checksum: str
+    call_start_time_ms: int | None = None
+
+    def __post_init__(self) -> None:
+        # Avro hands arrays back as lists of symbols: keep the event hashable and typed.
+        tracks = tuple(Track(t) for t in self.channel_tracks)
+        object.__setattr__(self, "channel_tracks", tracks)
+
+
+Event = (
+    CallStarted
+    | AudioChunkCaptured
+    | CallEnded
+    | TranscriptSegmentProduced
+    | DeadLetter
+    | RecordingStored
+)
 EVENT_TYPES: tuple[type[Any], ...] = (
     CallStarted,
     AudioChunkCaptured,
     CallEnded,
     TranscriptSegmentProduced,
     DeadLetter,
+    RecordingStored,
 )
 
 

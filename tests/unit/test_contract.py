@@ -72,6 +72,21 @@ SAMPLES: list[ev.Event] = [
         failed_at_ms=9,
         data=b"\x00\x01garbage",
     ),
+    ev.RecordingStored(
+        contact_id="c-1",
+        s3_uri="s3://recordings/recordings/c-1_2026-06-01T12:30:54.536Z.wav",
+        bucket="recordings",
+        key="recordings/c-1_2026-06-01T12:30:54.536Z.wav",
+        format="stereo",
+        channel_tracks=(ev.Track.FROM_CUSTOMER, ev.Track.TO_CUSTOMER),
+        channels=2,
+        sample_rate=8000,
+        duration_ms=48_512,
+        byte_count=1_552_428,
+        checksum_algorithm="CRC32",
+        checksum="AawuMQ==",
+        call_start_time_ms=1782912654536,
+    ),
 ]
 
 
