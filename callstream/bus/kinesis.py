@@ -1,36 +1,71 @@
-"""Kinesis Data Streams producer: framed Avro records via PutRecords.
+"""Kinesis Data Streams producer: framed Avro records via PutRecords, in order per key.
 
-Failed entries of a batch (throttling, internal errors) are retried with
-jittered exponential backoff until a deadline; nothing is dropped silently:
-if the deadline passes, `StoreUnavailable` is raised and the caller does not
-checkpoint, so the input is replayed. Errors no retry mends are raised at
-once, classified by `callstream.awserrors`: `ConfigurationFault` (a missing
-stream, access denied, the stream's KMS key denied or disabled, also as a
-per-entry error code) or `PoisonRecordError` (a record Kinesis refuses).
+PutRecords fails entry by entry (a shard over its 1 MiB/s or 1,000
+records/s, an internal error) and goes on with the entries after a failed
+one, so a request carrying two records of one partition key can store the
+later and refuse the earlier: retrying only the failed entries, as this
+publisher once did, stores a call's chunk after the one that followed it.
+AWS documents it ("PutRecords doesn't guarantee the ordering of records").
+
+So a request never carries more than one record of a partition key, and a
+key's next record is sent only once the one before it is stored: each
+*round* sends the oldest unsent record of every key with records waiting
+(up to 500 records and 5 MiB per request), keeps the stored ones and
+retries the refused ones in a later round. Records of one key are stored in
+the order they were published, with no gap and no repeat; records of
+different keys share every request. The alternative, resending a key from
+its first failed entry on, stores the later records twice and still puts a
+copy of a later one before the earlier: measured and discussed in
+docs/capacity.md ("The producer").
+
+One publisher serves every thread of a process (ingest runs one session
+per call): a caller's records join a shared queue per key and whichever
+caller finds no round in flight sends the next one, for everyone; the
+others wait for their own records. So the number of requests per second is
+about the records per second of the busiest key (16 for a call's audio),
+however many calls the process runs, and the CPU per record stays that of a
+full request. A key refused for throughput waits before its next attempt
+(full-jitter exponential backoff from 50 ms to 2 s, reset when one of its
+records is stored), while keys on other shards go on: the publisher paces
+itself to each shard's write quota without knowing the shard map.
+
+Nothing is dropped silently. A publish whose records are not all stored
+within `deadline_s` raises `StoreUnavailable` (the caller does not
+checkpoint, so its input is replayed), and so does every publish queued
+behind it on one of its keys (sending those would put them before the
+missing record). Errors no retry mends are raised at once, classified by
+`callstream.awserrors`: `ConfigurationFault` (a missing stream, access
+denied, the stream's KMS key denied or disabled, also as a per-entry error
+code) or `PoisonRecordError` (a record Kinesis refuses).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.awserrors import Outcome, classify, outcome_of_code
 from callstream.contract import Contract, default_contract
-from callstream.errors import ConfigurationFault, RetryableError, StoreUnavailable
+from callstream.errors import CallstreamError, ConfigurationFault, RetryableError, StoreUnavailable
 from callstream.events import Event, partition_key
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 5 * 1024 * 1024
+BACKOFF_BASE_S = 0.05
+BACKOFF_CAP_S = 2.0
 
 
-def backoff_delays(base_s: float = 0.05, cap_s: float = 2.0) -> Any:
+def backoff_delays(base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S) -> Iterator[float]:
     """Full-jitter exponential backoff delays (seconds), forever."""
     attempt = 0
     while True:
@@ -38,8 +73,34 @@ def backoff_delays(base_s: float = 0.05, cap_s: float = 2.0) -> Any:
         attempt += 1
 
 
+@dataclass(eq=False)
+class _Publish:
+    """One caller's records not yet stored (in its order), by when, and how it ended."""
+
+    entries: deque[_Entry]
+    deadline: float
+    error: CallstreamError | None = None
+
+
+@dataclass(eq=False)
+class _Entry:
+    key: str
+    data: bytes
+    publish: _Publish | None = None
+    stored: bool = False
+
+
+@dataclass
+class _Key:
+    """A partition key's records not yet stored, oldest first, and its backoff."""
+
+    entries: deque[_Entry] = field(default_factory=deque)
+    not_before: float = 0.0
+    throttles: int = 0
+
+
 class KinesisPublisher:
-    """Publishes events (or raw framed bytes) to one stream."""
+    """Publishes events (or raw framed bytes) to one stream, in order per partition key."""
 
     def __init__(
         self,
@@ -47,11 +108,18 @@ class KinesisPublisher:
         stream: str,
         contract: Contract | None = None,
         deadline_s: float = 120.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.stream = stream
         self.contract = contract or default_contract()
         self.deadline_s = deadline_s
+        self.clock = clock
+        self.requests = 0  # PutRecords sent (for benchmarks)
+        self._cond = threading.Condition()  # guards what follows
+        self._keys: dict[str, _Key] = {}
+        self._publishes: dict[_Publish, None] = {}  # unfinished, oldest first
+        self._sending = False
         self._log_extra = {"stream": stream}
 
     def publish(self, events: Sequence[Event]) -> None:
@@ -59,68 +127,183 @@ class KinesisPublisher:
         self.put_raw([(partition_key(e), self.contract.encode(e)) for e in events])
 
     def put_raw(self, items: Sequence[tuple[str, bytes]]) -> None:
-        """Publish (partition key, framed bytes) pairs in PutRecords batches."""
-        for batch in _batches(items):
-            self._put_batch(batch)
+        """Publish (partition key, framed bytes) pairs; returns once every one is stored."""
+        if not items:
+            return
+        entries = [_Entry(key, data) for key, data in items]
+        mine = _Publish(deque(entries), self.clock() + self.deadline_s)
+        with self._cond:
+            for entry in entries:
+                entry.publish = mine
+                self._keys.setdefault(entry.key, _Key()).entries.append(entry)
+            self._publishes[mine] = None
+            self._cond.notify_all()
+        while True:
+            with self._cond:
+                while mine.entries and mine.error is None and self._sending:
+                    self._cond.wait()
+                if mine.error is not None:
+                    raise mine.error
+                if not mine.entries:
+                    return
+                self._sending = True
+            try:
+                self._round()
+            finally:
+                with self._cond:
+                    self._sending = False
+                    self._cond.notify_all()
 
-    def _put_batch(self, batch: list[tuple[str, bytes]]) -> None:
-        pending = batch
-        deadline = time.monotonic() + self.deadline_s
-        delays = backoff_delays()
-        while pending:
-            pending = self._attempt(pending)
-            if not pending:
+    # --- rounds -------------------------------------------------------------
+    def _round(self) -> None:
+        """Send the next records that may go (or wait until one may)."""
+        with self._cond:
+            now = self.clock()
+            self._expire(now)
+            ready = self._ready(now)
+            if not ready:
+                waits = [k.not_before - now for k in self._keys.values() if k.entries]
+                if waits:  # woken early when a caller adds records (perhaps of a ready key)
+                    self._cond.wait(max(0.0, min(waits)))
                 return
-            if time.monotonic() > deadline:
-                raise StoreUnavailable(
-                    f"{len(pending)} records not accepted by stream {self.stream} "
-                    f"within {self.deadline_s:.0f} s"
-                )
-            time.sleep(next(delays))
+        for batch in _batches(ready):
+            with self._cond:  # a publish failed by an earlier batch of this round is not sent
+                batch = [entry for entry in batch if not _failed(entry)]
+            if batch:
+                self._send(batch)
 
-    def _attempt(self, batch: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
-        entries = [{"PartitionKey": key, "Data": data} for key, data in batch]
+    def _ready(self, now: float) -> list[_Entry]:
+        """Per publish, oldest first: its unsent records in its order while each is the oldest
+        of its key, that key is not backing off, and no earlier one in this round has it.
+        So a key has one record in flight, and a publish that meets no refusal is stored in
+        its own order, as one PutRecords of it would be."""
+        ready: list[_Entry] = []
+        taken: set[str] = set()
+        for publish in self._publishes:
+            for entry in publish.entries:
+                if entry.stored:
+                    continue
+                key = self._keys[entry.key]
+                if entry.key in taken or key.entries[0] is not entry or key.not_before > now:
+                    break
+                ready.append(entry)
+                taken.add(entry.key)
+        return ready
+
+    def _send(self, batch: list[_Entry]) -> None:
+        entries = [{"PartitionKey": entry.key, "Data": entry.data} for entry in batch]
+        self.requests += 1
         try:
             response = self.client.put_records(StreamName=self.stream, Records=entries)
         except (ClientError, BotoCoreError) as e:
             error = classify(e, what=f"put_records to {self.stream}")
-            if not isinstance(error, RetryableError):
-                raise error from e
-            log.warning("put_records retried: %s", error, extra=self._log_extra)
-            return batch
-        if not response.get("FailedRecordCount"):
-            return []
-        results = list(zip(batch, response["Records"], strict=True))
-        for _, result in results:
-            self._check_entry(result)
-        failed = [item for item, result in results if "ErrorCode" in result]
-        log.info(
-            "retrying %d of %d records", len(failed), len(batch), extra={"stream": self.stream}
-        )
-        return failed
+            with self._cond:
+                if isinstance(error, RetryableError):
+                    log.warning("put_records retried: %s", error, extra=self._log_extra)
+                    for entry in batch:
+                        self._refused(entry)
+                else:
+                    for entry in batch:
+                        self._fail(entry, error)
+            return
+        results = response["Records"] if response.get("FailedRecordCount") else [{}] * len(batch)
+        with self._cond:
+            refused = 0
+            for entry, result in zip(batch, results, strict=True):
+                code = result.get("ErrorCode")
+                if not code:
+                    self._stored(entry)
+                elif outcome_of_code(code) is Outcome.STOP:
+                    message = result.get("ErrorMessage", "")
+                    fault = ConfigurationFault(
+                        f"put_records to {self.stream} failed: {code}: {message}"
+                    )
+                    self._fail(entry, fault)
+                else:  # throughput, internal errors, unknown codes: retried, as AWS advises
+                    refused += 1
+                    self._refused(entry)
+        if refused:
+            log.info("%d of %d records refused", refused, len(batch), extra=self._log_extra)
 
-    def _check_entry(self, result: dict[str, Any]) -> None:
-        """Raise for a per-entry error code no retry mends (the stream's KMS key).
+    def _stored(self, entry: _Entry) -> None:
+        key = self._keys.get(entry.key)
+        publish = entry.publish
+        if key is None or not key.entries or key.entries[0] is not entry or publish is None:
+            return  # its publish failed meanwhile (deadline, a fault): its caller publishes again
+        key.entries.popleft()
+        key.throttles = 0
+        key.not_before = 0.0
+        if not key.entries:
+            del self._keys[entry.key]
+        entry.stored = True
+        while publish.entries and publish.entries[0].stored:
+            publish.entries.popleft()
+        if not publish.entries:
+            self._publishes.pop(publish, None)
 
-        PutRecords reports only throughput, internal and KMS errors per entry;
-        an unknown code is retried, as those are."""
-        code = result.get("ErrorCode")
-        if code and outcome_of_code(code) is Outcome.STOP:
-            raise ConfigurationFault(
-                f"put_records to {self.stream} failed: {code}: {result.get('ErrorMessage', '')}"
+    def _refused(self, entry: _Entry) -> None:
+        key = self._keys.get(entry.key)
+        if key is None:
+            return
+        key.throttles += 1
+        delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (key.throttles - 1)))
+        key.not_before = self.clock() + delay
+
+    # --- failures -----------------------------------------------------------
+    def _expire(self, now: float) -> None:
+        for publish in [p for p in self._publishes if p.deadline <= now]:
+            unstored = sum(1 for entry in publish.entries if not entry.stored)
+            error = StoreUnavailable(
+                f"{unstored} records not accepted by stream {self.stream} "
+                f"within {self.deadline_s:.0f} s"
             )
+            self._fail(publish.entries[0], error)
+
+    def _fail(self, entry: _Entry, error: CallstreamError) -> None:
+        """End the publish of `entry` with `error`, and every publish queued behind it on one
+        of its keys: their records would otherwise be stored before its missing one."""
+        work = [(entry.publish, error)]
+        while work:
+            failed, reason = work.pop()
+            if failed is None or failed not in self._publishes:
+                continue
+            failed.error = failed.error or reason
+            del self._publishes[failed]
+            for mine in failed.entries:
+                key = self._keys.get(mine.key)
+                if mine.stored or key is None or mine not in key.entries:
+                    continue
+                queued = list(key.entries)
+                at = queued.index(mine)
+                key.entries = deque(queued[:at])
+                for later in queued[at + 1 :]:
+                    work.append((later.publish, _behind(self.stream, mine.key, reason)))
+                if not key.entries:
+                    del self._keys[mine.key]
+        self._cond.notify_all()
 
 
-def _batches(items: Sequence[tuple[str, bytes]]) -> list[list[tuple[str, bytes]]]:
-    batches: list[list[tuple[str, bytes]]] = []
-    current: list[tuple[str, bytes]] = []
+def _failed(entry: _Entry) -> bool:
+    return entry.publish is None or entry.publish.error is not None
+
+
+def _behind(stream: str, key: str, cause: CallstreamError) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"not published to {stream}: an earlier record of partition key {key} was not "
+        f"stored ({cause})"
+    )
+
+
+def _batches(entries: Sequence[_Entry]) -> list[list[_Entry]]:
+    batches: list[list[_Entry]] = []
+    current: list[_Entry] = []
     size = 0
-    for key, data in items:
-        item_size = len(key.encode()) + len(data)
+    for entry in entries:
+        item_size = len(entry.key.encode()) + len(entry.data)
         if current and (len(current) >= MAX_BATCH_RECORDS or size + item_size > MAX_BATCH_BYTES):
             batches.append(current)
             current, size = [], 0
-        current.append((key, data))
+        current.append(entry)
         size += item_size
     if current:
         batches.append(current)
