@@ -146,22 +146,26 @@ def test_deregistering_by_name_removes_that_consumer_only(kinesis: Any) -> None:
 
 def test_subscribe_errors_carry_the_real_exception_codes(kinesis: Any) -> None:
     _, stream_arn = _stream(kinesis)
-    creating = kinesis.register_stream_consumer(StreamARN=stream_arn, ConsumerName="new")
-    cases = [
-        (creating["Consumer"]["ConsumerARN"], SHARD, {"Type": "LATEST"}, "ResourceInUseException"),
-        (stream_arn + "/consumer/nobody:1", SHARD, {"Type": "LATEST"}, "ResourceNotFoundException"),
-    ]
+    creating = _register(kinesis, stream_arn, "new")
+    _expect_refused(kinesis, creating, SHARD, {"Type": "LATEST"}, "ResourceInUseException")
     active = _active_consumer(kinesis, stream_arn)
-    cases += [
+    cases = [
+        (stream_arn + "/consumer/nobody:1", SHARD, {"Type": "LATEST"}, "ResourceNotFoundException"),
         (active, "shardId-000000000009", {"Type": "LATEST"}, "ResourceNotFoundException"),
         (active, SHARD, {"Type": "AT_SEQUENCE_NUMBER"}, "InvalidArgumentException"),
         (active, SHARD, {"Type": "SOMEWHERE"}, "InvalidArgumentException"),
     ]
     for consumer, shard, position, code in cases:
-        with pytest.raises(ClientError) as raised:
-            _subscribe(kinesis, consumer, position, shard)
-        assert raised.value.response["Error"]["Code"] == code, (position, shard)
-        assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
+        _expect_refused(kinesis, consumer, shard, position, code)
+
+
+def _expect_refused(
+    kinesis: Any, consumer: str, shard: str, position: dict[str, Any], code: str
+) -> None:
+    with pytest.raises(ClientError) as raised:
+        _subscribe(kinesis, consumer, position, shard)
+    assert raised.value.response["Error"]["Code"] == code, (position, shard)
+    assert raised.value.response["ResponseMetadata"]["HTTPStatusCode"] == 400
 
 
 def test_records_are_pushed_as_they_arrive(kinesis: Any) -> None:
@@ -267,14 +271,16 @@ def test_a_second_subscription_is_in_use_then_takes_over(kinesis: Any, fanout: A
 
 
 def test_subscribe_to_shard_is_limited_to_one_call_a_second(kinesis: Any, fanout: Any) -> None:
-    fanout.configure(takeover_s=0.01)  # so the rate limit, not the in-use rule, answers
+    fanout.configure(takeover_s=0.05)  # so the rate limit, not the in-use rule, answers
     _, stream_arn = _stream(kinesis)
     consumer = _active_consumer(kinesis, stream_arn)
     _subscribe(kinesis, consumer, {"Type": "LATEST"}).close()
+    time.sleep(0.1)
     with pytest.raises(ClientError) as raised:
         _subscribe(kinesis, consumer, {"Type": "LATEST"})
-    assert raised.value.response["Error"]["Code"] == "LimitExceededException"
-    time.sleep(1.0)
+    error = raised.value.response["Error"]
+    assert error["Code"] == "LimitExceededException", error
+    time.sleep(0.9)
     _subscribe(kinesis, consumer, {"Type": "LATEST"}).close()
 
 
