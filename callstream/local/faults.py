@@ -300,6 +300,12 @@ class Faults:
                 "endpoint_generation": self._generation,
             }
 
+    def metrics_text(self) -> str:
+        """The Kinesis quota counters in the Prometheus text format ("" without quotas)."""
+        if self.kinesis_quotas is None:
+            return ""
+        return self.kinesis_quotas.metrics_text()
+
     def apply(self, spec: dict[str, Any]) -> dict[str, Any]:
         """Apply a control-route JSON spec (see the module docstring); return `snapshot()`."""
         unknown = set(spec) - _SPEC_KEYS

@@ -236,6 +236,37 @@ class KinesisQuotas:
                 "usage": usage,
             }
 
+    def metrics_text(self) -> str:
+        """Throttles and usage as Prometheus counters (text exposition format)."""
+        snapshot = self.snapshot()
+        lines = [
+            "# HELP callstream_emulator_kinesis_throttles_total Requests (PutRecords: entries) "
+            "the emulator's per-shard quotas refused.",
+            "# TYPE callstream_emulator_kinesis_throttles_total counter",
+        ]
+        for entry in snapshot["throttles"]:
+            labels = _labels(
+                operation=entry["operation"], stream=entry["stream"], shard=entry["shard"]
+            )
+            lines.append(
+                f"callstream_emulator_kinesis_throttles_total{{{labels}}} {entry['count']}"
+            )
+        lines += [
+            "# HELP callstream_emulator_kinesis_usage_total Records, bytes and calls per shard.",
+            "# TYPE callstream_emulator_kinesis_usage_total counter",
+        ]
+        for key, amounts in snapshot["usage"].items():
+            stream, _, shard = key.rpartition("/")
+            for what, amount in amounts.items():
+                labels = _labels(stream=stream, shard=shard, what=what)
+                lines.append(f"callstream_emulator_kinesis_usage_total{{{labels}}} {amount}")
+        enabled = 1 if snapshot["enabled"] else 0
+        lines += [
+            "# TYPE callstream_emulator_kinesis_quotas_enabled gauge",
+            f"callstream_emulator_kinesis_quotas_enabled {enabled}",
+        ]
+        return "\n".join(lines) + "\n"
+
     # -- internals (lock held) ----------------------------------------------------
 
     def _buckets(self, stream_arn: str, shard_id: str) -> _ShardBuckets:
@@ -263,3 +294,10 @@ class KinesisQuotas:
 
     def _use(self, stream_arn: str, shard_id: str, what: str, amount: int) -> None:
         self._usage[(stream_label(stream_arn), shard_id, what)] += amount
+
+
+def _labels(**values: str) -> str:
+    def escape(value: str) -> str:
+        return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return ",".join(f'{name}="{escape(value)}"' for name, value in values.items())

@@ -14,7 +14,10 @@ Speaks the wire protocol boto3 (`kinesis-video-media`,
   seconds after the last producer left (after the request, on a stream never
   produced to).
 - `POST /getMediaForFragmentList`, `POST /listFragments`: archived media.
-- `GET|POST /_emulator/faults`: fault control for other processes (see faults.py).
+- `GET|POST /_emulator/faults`: fault control for other processes (see faults.py);
+  the snapshot also carries the Kinesis quota counters.
+- `GET /_emulator/metrics`: the Kinesis throttle and usage counters in the
+  Prometheus text format.
 
 Every media path may carry an endpoint generation prefix, `/gen/<n>/getMedia`,
 as the URLs GetDataEndpoint hands out do; older generations are refused once
@@ -137,8 +140,11 @@ class _MediaHandler(BaseHTTPRequestHandler):
         return self.server.context
 
     def do_GET(self) -> None:
-        if self.path.split("?")[0] == "/_emulator/faults":
+        route = self.path.split("?")[0]
+        if route == "/_emulator/faults":
             self._send_json(200, self.ctx.faults.snapshot())
+        elif route == "/_emulator/metrics":
+            self._send_text(200, self.ctx.faults.metrics_text())
         else:
             self._send_error(ApiError(404, "UnknownOperationException", self.path), close=False)
 
@@ -345,6 +351,13 @@ class _MediaHandler(BaseHTTPRequestHandler):
             self.send_header("Transfer-Encoding", "chunked")
         else:
             self.send_header("Content-Length", str(length))
+
+    def _send_text(self, status: int, text: str) -> None:
+        payload = text.encode()
+        self.send_response(status)
+        self._common_headers("text/plain; version=0.0.4", length=len(payload))
+        self.end_headers()
+        self.wfile.write(payload)
 
     def _send_json(self, status: int, body: dict[str, Any]) -> None:
         payload = json.dumps(body).encode()

@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,7 +119,7 @@ def test_put_records_over_1000_records_a_second_fail_entry_by_entry(
     assert entry["ErrorMessage"] == (
         f"Rate exceeded for shard {SHARD} in stream {name} under account 123456789012."
     )
-    frozen.advance(0.25)  # a quarter of a second refills 250 records
+    frozen.advance(0.2505)  # a quarter of a second refills 250 records
     fourth = kinesis.put_records(StreamName=name, Records=_entries(300))
     assert fourth["FailedRecordCount"] == 50
     assert all("SequenceNumber" in r for r in fourth["Records"][:250])
@@ -172,7 +173,7 @@ def test_six_get_records_in_one_second_get_one_throttled(kinesis: Any, frozen: M
     iterator = _iterator(kinesis, name)
     outcomes = [_throttled(lambda: kinesis.get_records(ShardIterator=iterator)) for _ in range(6)]
     assert outcomes == [False] * 5 + [True]
-    frozen.advance(0.2)  # one call's worth
+    frozen.advance(0.21)  # one call's worth (and a little, against rounding)
     assert not _throttled(lambda: kinesis.get_records(ShardIterator=iterator))
     assert _throttled(lambda: kinesis.get_records(ShardIterator=iterator))
 
@@ -254,6 +255,12 @@ def test_throttles_are_counted_per_operation_stream_and_shard(
     assert snapshot["enabled"] is True
     assert snapshot["limits"]["read_calls_per_s"] == 5
     assert snapshot["usage"][f"{name}/{SHARD}"]["records_written"] == 1000
+    with urllib.request.urlopen(f"{emulator.control_url}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert (
+        "callstream_emulator_kinesis_throttles_total"
+        f'{{operation="GetRecords",stream="{name}",shard="{SHARD}"}} 2'
+    ) in metrics.splitlines()
 
 
 def test_callstream_calls_prints_the_throttle_counts_of_the_bus_streams(
