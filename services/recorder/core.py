@@ -494,7 +494,7 @@ class CallRecording:
             return None
         first = self.plan.part_bytes - HEADER_BYTES
         if not r.head:
-            if r.total is not None and r.total <= first:
+            if r.total is not None and r.total <= first and self.complete:
                 return self._whole(r, r.total)
             if self._settled(r) >= first and self._fix_layout(r):
                 return StoreHead(
@@ -513,7 +513,7 @@ class CallRecording:
         if r.total is None or r.sealed < r.total:
             number = 2 + (r.sealed - first) // self.plan.part_bytes
             end = r.sealed + self.plan.part_bytes
-            if r.total is not None:
+            if r.total is not None and self.complete:
                 end = min(end, r.total)
             elif end > self._settled(r):
                 return None
@@ -638,8 +638,9 @@ class CallRecording:
         return Source(tuple((track, self._lead(track)) for track in r.tracks))
 
     def _settled(self, r: _Recording) -> int:
-        """PCM bytes of `r` no chunk still to come can change."""
-        if r.total is not None:
+        """PCM bytes of `r` no chunk still to come can change (a restored call: only once
+        everything after its durable chunks has come again)."""
+        if r.total is not None and self.complete:
             return r.total
         if r.layout is Layout.PER_TRACK:
             t = self.tracks.get(r.tracks[0])
@@ -785,10 +786,12 @@ class CallRecording:
 
     def progress(self) -> dict[str, Any]:
         """What a takeover needs: stored pieces, and how far each track is durable."""
+        done = self.done
         return {
             "format": STATE_FORMAT,
-            "done": self.done,
-            "version": self.changes,
+            "done": done,
+            "version": 2 * self.changes + int(done),  # grows with every save worth making
+            "changes": self.changes,
             "failed": self.failed,
             "failure_reported": self.failure_reported,
             "stamp_ms": self.stamp_ms,
@@ -807,7 +810,7 @@ class CallRecording:
             raise ValueError(f"progress format {state.get('format')} is not {STATE_FORMAT}")
         call = cls(contact_id, plan.key_prefix, plan)
         call.stamp_ms, call.origin_ms = state["stamp_ms"], state["origin_ms"]
-        call.changes = state["version"]
+        call.changes = state["changes"]
         call.failed, call.failure_reported = state["failed"], state["failure_reported"]
         for name, saved in state["tracks"].items():
             seq, end = saved["seq"], saved["end"]
