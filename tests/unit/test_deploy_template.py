@@ -197,7 +197,13 @@ def test_task_roles_grant_only_what_each_service_calls(template: dict[str, Any])
             "kinesisvideo:ListFragments",
             "kms:Decrypt",
         },
-        "TranscriberTaskRole": read | progress | {"transcribe:StartStreamTranscription"},
+        "TranscriberTaskRole": read
+        | progress
+        | {
+            "transcribe:StartStreamTranscription",
+            "kinesis:DescribeStreamConsumer",
+            "kinesis:SubscribeToShard",
+        },
         "RecorderTaskRole": read | {"s3:PutObject", "s3:AbortMultipartUpload"},
         "PersisterTaskRole": read | {"dynamodb:BatchWriteItem"},
         "SentimentTaskRole": read | {"comprehend:DetectSentiment"},
@@ -274,6 +280,30 @@ def test_every_task_environment_is_valid_for_its_service(template: dict[str, Any
         env = _container_env(template, name)
         env |= {k: v for k, v in fake.items() if k in env}
         factory(env)  # raises ConfigError naming the variable if one is wrong
+
+
+def test_the_transcriber_reads_audio_with_its_own_fan_out_consumer_and_the_recorder_polls(
+    template: dict[str, Any],
+) -> None:
+    consumer = template["Resources"]["TranscriberConsumer"]
+    assert consumer["Type"] == "AWS::Kinesis::StreamConsumer"
+    assert consumer["Properties"]["StreamARN"] == {"Fn::GetAtt": ["AudioStream", "Arn"]}
+    name = consumer["Properties"]["ConsumerName"]
+    transcriber = _container_env(template, "Transcriber")
+    assert transcriber["CALLSTREAM_READ_MODE"] == "efo"
+    assert transcriber["CALLSTREAM_EFO_CONSUMER_NAME"] == name
+    assert template["Resources"]["TranscriberService"]["DependsOn"] == "TranscriberConsumer"
+    (fan_out,) = [
+        s
+        for s in _statements(template, "TranscriberTaskRole")
+        if "kinesis:SubscribeToShard" in s["Action"]
+    ]
+    assert fan_out["Resource"] == {"Fn::Sub": f"${{AudioStream.Arn}}/consumer/{name}:*"}
+    recorder = _container_env(template, "Recorder")
+    assert recorder.get("CALLSTREAM_READ_MODE", "polling") == "polling"
+    assert recorder["CALLSTREAM_POLL_GROUPS"] == "1"  # the audio stream's only polling group
+    for service in ("Ingest", "Persister", "Sentiment"):
+        assert "CALLSTREAM_READ_MODE" not in _container_env(template, service)
 
 
 def test_the_sentiment_consumer_is_optional_and_calls_comprehend_only_when_chosen(
