@@ -1,9 +1,11 @@
 """Live view core: the calls board, built from events, read as JSON.
 
 Pure. `CallBoard.apply` takes CallStarted (calls stream), TranscriptSegmentProduced
-and CallEnded (transcripts stream). Each segment is kept under its `segment_id`:
-a partial is replaced by the next partial and by the final, and a late partial
-never replaces a final. `snapshot()` is what the page renders.
+and CallEnded (transcripts stream) and RecordingStored (recordings stream: a
+recording is listed once it is complete in S3, never polled for). Each segment
+is kept under its `segment_id`: a partial is replaced by the next partial and by
+the final, and a late partial never replaces a final. `snapshot()` is what the
+page renders.
 """
 
 from __future__ import annotations
@@ -11,7 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from callstream.events import CallEnded, CallStarted, Event, TranscriptSegmentProduced
+from callstream.events import (
+    CallEnded,
+    CallStarted,
+    Event,
+    RecordingStored,
+    TranscriptSegmentProduced,
+)
 
 
 @dataclass
@@ -34,7 +42,8 @@ class CallCard:
     started_ms: int | None = None
     ended: str | None = None
     lines: dict[str, Line] = field(default_factory=dict)
-    recordings: dict[str, str] = field(default_factory=dict)  # speaker -> S3 key
+    recordings: dict[str, str] = field(default_factory=dict)  # label -> S3 key
+    buckets: dict[str, str] = field(default_factory=dict)  # S3 key -> its bucket
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready, lines in time order."""
@@ -66,22 +75,28 @@ class CallBoard:
             card = self._card(event.contact_id)
             card.ended = event.reason.value
             card.started_ms = card.started_ms or event.call_start_time_ms
+        elif isinstance(event, RecordingStored):
+            self._recording(event)
         else:
             return
         self.version += 1
 
-    def add_recording(self, contact_id: str, speaker: str, key: str) -> None:
-        """A WAV of one side of the call is stored under `key`."""
-        self._card(contact_id).recordings[speaker] = key
-        self.version += 1
+    def _recording(self, event: RecordingStored) -> None:
+        """A recording is complete: the stereo one, or one side's (labelled by speaker)."""
+        card = self._card(event.contact_id)
+        if len(event.channel_tracks) == 1:
+            label = event.channel_tracks[0].speaker
+        else:
+            label = " / ".join(t.speaker for t in event.channel_tracks)  # left / right
+        card.recordings[label] = event.key
+        card.buckets[event.key] = event.bucket
 
-    def awaiting_recordings(self) -> list[str]:
-        """Ended calls without both recordings yet."""
-        return [c.contact_id for c in self.calls.values() if c.ended and len(c.recordings) < 2]
-
-    def knows_recording(self, key: str) -> bool:
-        """Only recordings of calls on the board are served."""
-        return any(key in card.recordings.values() for card in self.calls.values())
+    def bucket_of(self, key: str) -> str | None:
+        """The bucket of a recording on the board (only those are served), else None."""
+        for card in self.calls.values():
+            if key in card.buckets:
+                return card.buckets[key]
+        return None
 
     def snapshot(self) -> dict[str, Any]:
         """The board as JSON: active calls first, then ended ones; newest first in each."""

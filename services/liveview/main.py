@@ -1,9 +1,11 @@
 """Live view: a web page on 127.0.0.1 with the calls in progress and their transcripts.
 
-Follows the calls stream (CallStarted) and the transcripts stream (segments,
-CallEnded) with `StreamTail` (no leases: every viewer sees everything), looks
-for a call's WAVs in S3 once it ended, and serves the page, its JSON board and
-the recordings (proxied from S3, so the bucket stays private).
+Follows the calls stream (CallStarted), the transcripts stream (segments,
+CallEnded) and the recordings stream (RecordingStored: a recording is shown
+once the recorder says it is complete, S3 is never polled) with `StreamTail`
+(no leases: every viewer sees everything), and serves the page, its JSON
+board and the recordings (proxied from S3, so the bucket stays private).
+The recordings stream is created if missing (the viewer may start first).
 
 A failed poll is retried, unless `callstream.awserrors` calls it a
 configuration fault (a missing stream or bucket, access denied): the view
@@ -29,10 +31,9 @@ from callstream import aws
 from callstream import log as logsetup
 from callstream.awserrors import classify
 from callstream.bus.tail import StreamTail
-from callstream.config import BusSettings, Env
+from callstream.config import BusSettings, Env, recordings_stream
 from callstream.errors import ConfigurationFault, PoisonRecordError
-from callstream.events import Track
-from callstream.service import EXIT_CONFIGURATION_FAULT, load_settings
+from callstream.service import EXIT_CONFIGURATION_FAULT, ensure_stream, load_settings
 from services.liveview.core import CallBoard
 from services.liveview.page import PAGE
 
@@ -42,23 +43,22 @@ HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class LiveViewSettings:
-    """Where to listen and where the recordings are."""
+    """Where to listen and which streams to follow."""
 
     bus: BusSettings
     port: int
-    bucket: str
-    key_prefix: str
+    recordings_stream: str
     from_latest: bool
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> LiveViewSettings:
-        """CALLSTREAM_LIVEVIEW_PORT/_FROM, RECORDINGS_BUCKET_NAME, RECORDINGS_KEY_PREFIX."""
+        """CALLSTREAM_LIVEVIEW_PORT/_FROM, CALLSTREAM_RECORDINGS_STREAM (RecordingStored
+        names each recording's bucket and key)."""
         env = Env(environ)
         return cls(
             bus=BusSettings.from_env(env),
             port=env.integer("CALLSTREAM_LIVEVIEW_PORT", 8080, minimum=0, maximum=65535),
-            bucket=env.text("RECORDINGS_BUCKET_NAME"),
-            key_prefix=env.text("RECORDINGS_KEY_PREFIX", "recordings/"),
+            recordings_stream=recordings_stream(env),
             from_latest=env.choice("CALLSTREAM_LIVEVIEW_FROM", "start", ("start", "latest"))
             == "latest",
         )
@@ -76,19 +76,20 @@ class LiveView:
         region = settings.bus.region
         self.s3 = aws.client("s3", region)
         kinesis = aws.client("kinesis", region)
+        ensure_stream(kinesis, settings.recordings_stream)
         latest = settings.from_latest
         self.tails = [
             StreamTail(kinesis, settings.bus.calls_stream, latest=latest),
             StreamTail(kinesis, settings.bus.transcripts_stream, latest=latest),
+            StreamTail(kinesis, settings.recordings_stream, latest=latest),
         ]
 
     def follow(self, stop: threading.Event) -> None:
-        """Poll both streams and S3 until `stop`; a failed poll is logged and retried,
+        """Poll the streams until `stop`; a failed poll is logged and retried,
         a configuration fault is kept in `fault` and sets `stop`."""
         while not stop.is_set():
             try:
                 busy = self._poll_streams()
-                self._look_for_recordings()
             except (ClientError, BotoCoreError) as e:
                 error = classify(e, what="live view poll")
                 if isinstance(error, ConfigurationFault):
@@ -110,9 +111,10 @@ class LiveView:
     def recording(self, key: str) -> Any | None:
         """The S3 object of a recording on the board, or None."""
         with self.lock:
-            if not self.board.knows_recording(key):
-                return None
-        return self.s3.get_object(Bucket=self.settings.bucket, Key=key)
+            bucket = self.board.bucket_of(key)
+        if bucket is None:
+            return None
+        return self.s3.get_object(Bucket=bucket, Key=key)
 
     def _poll_streams(self) -> bool:
         events = [e for tail in self.tails for e in tail.poll()]
@@ -123,19 +125,6 @@ class LiveView:
             if events:
                 self.changed.notify_all()
         return bool(events)
-
-    def _look_for_recordings(self) -> None:
-        with self.lock:
-            waiting = self.board.awaiting_recordings()
-        for contact_id in waiting:
-            prefix = f"{self.settings.key_prefix}{contact_id}"
-            listed = self.s3.list_objects_v2(Bucket=self.settings.bucket, Prefix=prefix)
-            for item in listed.get("Contents", []):
-                for track in Track:
-                    if item["Key"].endswith(f"_{track.value}.wav"):
-                        with self.changed:
-                            self.board.add_recording(contact_id, track.speaker, item["Key"])
-                            self.changed.notify_all()
 
 
 class Handler(BaseHTTPRequestHandler):

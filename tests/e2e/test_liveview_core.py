@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from callstream.events import CallEnded, CallStarted, EndReason, Track, TranscriptSegmentProduced
+from callstream.events import (
+    CallEnded,
+    CallStarted,
+    EndReason,
+    RecordingStored,
+    Track,
+    TranscriptSegmentProduced,
+)
 from services.liveview.core import CallBoard
 
 
@@ -40,15 +47,37 @@ def test_lines_are_in_time_order_and_the_version_moves_on_each_change() -> None:
     ]
 
 
-def test_an_ended_call_waits_for_its_recordings_and_only_those_are_served() -> None:
+def test_recordings_appear_when_announced_and_only_those_are_served() -> None:
     board = CallBoard()
     board.apply(CallEnded("c", EndReason.END_OF_STREAM, 10))
-    assert board.awaiting_recordings() == ["c"]
-    board.add_recording("c", "customer", "recordings/c_AUDIO_FROM_CUSTOMER.wav")
-    board.add_recording("c", "agent", "recordings/c_AUDIO_TO_CUSTOMER.wav")
-    assert board.awaiting_recordings() == []
-    assert board.knows_recording("recordings/c_AUDIO_TO_CUSTOMER.wav")
-    assert not board.knows_recording("recordings/other.wav")
+    assert board.snapshot()["calls"][0]["recordings"] == {}
+    before = board.version
+    board.apply(_stored("c", "recordings/c.wav", (Track.FROM_CUSTOMER, Track.TO_CUSTOMER)))
+    board.apply(_stored("c", "recordings/c_AUDIO_TO_CUSTOMER.wav", (Track.TO_CUSTOMER,)))
+    assert board.version == before + 2
+    assert board.snapshot()["calls"][0]["recordings"] == {
+        "agent": "recordings/c_AUDIO_TO_CUSTOMER.wav",
+        "customer / agent": "recordings/c.wav",
+    }
+    assert board.bucket_of("recordings/c.wav") == "rec-bucket"
+    assert board.bucket_of("recordings/other.wav") is None
+
+
+def _stored(contact: str, key: str, tracks: tuple[Track, ...]) -> RecordingStored:
+    return RecordingStored(
+        contact_id=contact,
+        s3_uri=f"s3://rec-bucket/{key}",
+        bucket="rec-bucket",
+        key=key,
+        format="stereo" if len(tracks) == 2 else "per-track",
+        channel_tracks=tracks,
+        channels=len(tracks),
+        sample_rate=8000,
+        duration_ms=1000,
+        byte_count=44 + 16000 * len(tracks),
+        checksum_algorithm="CRC32",
+        checksum="AAAAAA==",
+    )
 
 
 def test_active_calls_come_first_and_the_board_keeps_at_most_max_calls() -> None:
