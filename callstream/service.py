@@ -40,6 +40,7 @@ from callstream.runtime import Handler, ServiceLoop
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 DEFAULT_LEASE_MS = 10_000
+CHECKPOINT_INTERVAL_S = 1.0  # a shard's checkpoint is written at most once a second
 EXIT_CONFIGURATION_FAULT = 3  # access denied, a missing table, stream or bucket (docs/errors.md)
 
 
@@ -97,6 +98,7 @@ def record_source(
         "lease_ms": lease_ms,
         "on_shard_lost": on_shard_lost,
         "metrics": metrics,
+        "checkpoint_interval_s": CHECKPOINT_INTERVAL_S,
     }
     if bus.read_mode == "efo":
         arn = bus.efo_consumer_arn or register_consumer(

@@ -31,7 +31,11 @@ parent into a child is completed by one instance.
 
 Checkpoints only ever move to records read while holding the current lease,
 so a checkpoint computed before a lease was lost and retaken cannot skip
-records the new holding has not read yet.
+records the new holding has not read yet. With `checkpoint_interval_s` a
+shard's checkpoint is written at most that often (the loop asks after every
+batch; a later position replaces a pending one, and `close()` writes what is
+pending before releasing): fewer lease-table writes, a replay after a crash
+at most that much longer. Finishing a drained shard is never deferred.
 
 Fence: a lease proves nothing once it may have expired. For each held shard
 the source keeps, on its own monotonic clock, when the request that last took
@@ -331,6 +335,7 @@ class KinesisSource:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         reader: ShardReader | None = None,
+        checkpoint_interval_s: float = 0.0,
     ) -> None:
         self.kinesis = kinesis
         self.metrics = metrics
@@ -350,6 +355,9 @@ class KinesisSource:
         self._holdings = itertools.count(1)
         self._renewed_at: dict[str, float] = {}  # shard -> clock() before the last take/renewal
         self._ended: set[str] = set()  # held shards read to their end in this holding
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._written_at: dict[str, float] = {}  # shard -> clock() of its last checkpoint write
+        self._pending: dict[str, tuple[str, bool]] = {}  # shard -> checkpoint not written yet
         self._parents: dict[str, list[str]] = {}
         self._last_read: dict[str, str] = {}  # shard -> last sequence read in this holding
         self._lost: list[str] = []  # shards lost since the last poll, to report
@@ -405,7 +413,21 @@ class KinesisSource:
             self._finish(shard_id)
             return
         if lease.checkpoint == sequence_number and lease.checkpoint_inclusive == inclusive:
+            self._pending.pop(shard_id, None)
             return
+        now = self.clock()
+        if now - self._written_at.get(shard_id, -self.checkpoint_interval_s) < (
+            self.checkpoint_interval_s
+        ):
+            self._pending[shard_id] = (sequence_number, inclusive)  # the loop asks again soon
+            return
+        self._write_checkpoint(shard_id, lease, sequence_number, inclusive)
+        self._written_at[shard_id] = now
+
+    def _write_checkpoint(
+        self, shard_id: str, lease: Lease, sequence_number: str, inclusive: bool
+    ) -> None:
+        self._pending.pop(shard_id, None)
         if not self.leases.set_checkpoint(lease, sequence_number, inclusive):
             self._lose(shard_id, release=False)
 
@@ -426,6 +448,13 @@ class KinesisSource:
         if self._heartbeat is not None:
             self._heartbeat.join()
         with self._lock:
+            for shard_id, (sequence_number, inclusive) in list(self._pending.items()):
+                lease = self._held.get(shard_id)
+                if lease is not None and not self._overdue(shard_id):
+                    write = functools.partial(
+                        self._write_checkpoint, shard_id, lease, sequence_number, inclusive
+                    )
+                    self._safely("checkpoint", write)
             for shard_id, lease in list(self._held.items()):
                 self._safely("release", functools.partial(self.leases.release, lease))
                 self._forget(shard_id)
@@ -590,6 +619,8 @@ class KinesisSource:
         self._renewed_at.pop(shard_id, None)
         self._ended.discard(shard_id)
         self._last_read.pop(shard_id, None)
+        self._written_at.pop(shard_id, None)
+        self._pending.pop(shard_id, None)
         self.reader.release(shard_id)
         return self._held.pop(shard_id, None)
 

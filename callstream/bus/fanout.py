@@ -363,6 +363,7 @@ class FanOutSource(KinesisSource):
         clock: Callable[[], float] = time.monotonic,
         buffer_records: int = DEFAULT_BUFFER_RECORDS,
         max_wait_s: float = 0.2,
+        checkpoint_interval_s: float = 0.0,
     ) -> None:
         reader = FanOutReader(
             kinesis,
@@ -383,6 +384,7 @@ class FanOutSource(KinesisSource):
             metrics=metrics,
             clock=clock,
             reader=reader,
+            checkpoint_interval_s=checkpoint_interval_s,
         )
 
 

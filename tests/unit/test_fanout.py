@@ -365,7 +365,11 @@ class _Clock:
 
 
 def _source(
-    kinesis: _ScriptedKinesis, leases: _MemoryLeases, clock: _Clock, lost: list[str]
+    kinesis: _ScriptedKinesis,
+    leases: _MemoryLeases,
+    clock: _Clock,
+    lost: list[str],
+    **kw: Any,
 ) -> FanOutSource:
     return FanOutSource(
         kinesis,
@@ -378,6 +382,7 @@ def _source(
         on_shard_lost=lost.append,
         clock=clock,
         max_wait_s=0.05,
+        **kw,
     )
 
 
@@ -432,3 +437,23 @@ def test_a_shard_ended_by_child_shards_is_drained_then_finished_at_its_last_chec
     assert lease.finished and lease.checkpoint == "SHARD_END"
     assert len(kinesis.calls) == 1
     source.close()
+
+
+def test_checkpoints_are_written_at_most_once_per_interval_and_the_last_one_on_close() -> None:
+    kinesis, leases, clock, lost = _ScriptedKinesis(), _MemoryLeases(), _Clock(), list[str]()
+    kinesis.script(SHARD, [_event(*range(1, 6), cont=5), LIVE])
+    source = _source(kinesis, leases, clock, lost, checkpoint_interval_s=1.0)
+    assert _poll_until(source, 5) == ["1", "2", "3", "4", "5"]
+    lease = leases.items[f"transcriber/audio/{SHARD}"]
+    writes = lease.counter
+    source.checkpoint(SHARD, "1", inclusive=False)  # the first is written at once
+    for seq in ("2", "3"):
+        clock.now += 0.3
+        source.checkpoint(SHARD, seq, inclusive=False)  # within the second: kept for later
+    assert (lease.checkpoint, lease.counter) == ("1", writes + 1)
+    clock.now += 0.5
+    source.checkpoint(SHARD, "4", inclusive=False)  # a second after the last write
+    assert (lease.checkpoint, lease.counter) == ("4", writes + 2)
+    source.checkpoint(SHARD, "5", inclusive=False)
+    source.close()  # the pending one goes out before the release
+    assert (lease.checkpoint, lease.owner) == ("5", None)

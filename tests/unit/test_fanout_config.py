@@ -75,6 +75,7 @@ def test_polling_reads_each_shard_at_the_groups_share_of_its_budget() -> None:
     reader: Any = source.reader
     assert isinstance(reader, PollingReader)
     assert reader.interval_s == pytest.approx(0.4)  # transcriber and recorder: 2 of 5 reads/s
+    assert source.checkpoint_interval_s == 1.0  # lease-table writes: at most 1/s per shard
     four = _source(_bus(CALLSTREAM_POLL_GROUPS="4"), "callstream-audio").reader
     assert isinstance(four, PollingReader) and four.interval_s == pytest.approx(0.8)
     slow = _source(_bus(CALLSTREAM_POLL_INTERVAL_MS="1000"), "callstream-audio").reader
