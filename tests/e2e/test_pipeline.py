@@ -48,7 +48,9 @@ MAX_WER = 0.15
 @pytest.fixture(scope="module")
 def stack(emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     workdir = tmp_path_factory.mktemp("stack")
-    env = local_env(emulator, workdir)
+    # One WAV per track, as the reference wrote them (the stereo default is checked
+    # in tests/e2e/test_recordings.py).
+    env = {**local_env(emulator, workdir), "RECORDINGS_FORMAT": "per-track"}
     adopt_env(env)
     provision(env)
     group = ServiceGroup(env, workdir / "logs")
