@@ -18,7 +18,17 @@ import logging
 import sys
 from pathlib import Path
 
-from callstream.cli import calls, deadletters, kvs, liveview, local, replay, tail, trigger
+from callstream.cli import (
+    calls,
+    capacity,
+    deadletters,
+    kvs,
+    liveview,
+    local,
+    replay,
+    tail,
+    trigger,
+)
 from callstream.cli.calls import CallView, collect_calls, read_since
 from callstream.cli.common import CliError, adopt_local
 from callstream.cli.kvs import ContactGate, TrackFiles
@@ -47,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # This order is the order of `callstream --help`.
-    for group in (local, trigger, replay, tail, calls, deadletters, kvs, liveview):
+    for group in (local, trigger, replay, tail, calls, deadletters, kvs, liveview, capacity):
         group.register(commands)
     return parser
 
