@@ -60,8 +60,10 @@ _BUFFERED = frozenset({EBML, INFO, TRACKS, TAGS})
 class FragmentStarted:
     """A Cluster began arriving; its Timecode is known.
 
-    `cluster` holds its bytes so far (header and Timecode at least); `info`,
-    `tracks` and `leading_tags` are the fragment's, as `MediaFragment` will carry them.
+    `cluster_head` holds the Cluster's bytes so far (header and Timecode at
+    least); `info`, `tracks` and `leading_tags` are the fragment's, as
+    `MediaFragment` will carry them. (No `cluster` attribute: callers tell a
+    whole fragment by it.)
     """
 
     timecode: int
@@ -69,7 +71,7 @@ class FragmentStarted:
     info: bytes = b""
     tracks: bytes = b""
     leading_tags: tuple[bytes, ...] = ()
-    cluster: bytes = b""
+    cluster_head: bytes = b""
 
     @property
     def timecode_ms(self) -> int:

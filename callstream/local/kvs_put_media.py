@@ -118,7 +118,7 @@ class PutMediaSession:
             event.tracks,
             event.leading_tags,
         )
-        live = self._store.open(self._arn, head, event.cluster)
+        live = self._store.open(self._arn, head, event.cluster_head)
         pending = _Pending(head.number, head.server_ms, event.timecode_ms, live)
         self._pending.append(pending)
         return _ack("BUFFERING", pending)
