@@ -585,13 +585,30 @@ def _peer_gone(sock: Any) -> bool:
 
 def _patch_registry(patches: PatchSet, hub: FanoutHub) -> None:
     clock = hub.consumers
-    original_to_json = Consumer.to_json
+    describe = _describe_consumer(clock, KinesisBackend.describe_stream_consumer)
+    patches.replace(Consumer, "to_json", _consumer_json(clock, Consumer.to_json))
+    patches.replace(KinesisBackend, "register_stream_consumer", _register_consumer(clock))
+    patches.replace(KinesisBackend, "describe_stream_consumer", describe)
+    patches.replace(
+        KinesisBackend,
+        "list_stream_consumers",
+        _list_consumers(clock, KinesisBackend.list_stream_consumers),
+    )
+    patches.replace(
+        KinesisBackend, "deregister_stream_consumer", _deregister_consumer(hub, describe)
+    )
 
+
+def _consumer_json(clock: ConsumerClock, original: Callable[..., dict[str, Any]]) -> Any:
     def to_json(self: Consumer, include_stream_arn: bool = False) -> dict[str, Any]:
-        answer = original_to_json(self, include_stream_arn)
+        answer = original(self, include_stream_arn)
         answer["ConsumerStatus"] = clock.status(self)
         return answer
 
+    return to_json
+
+
+def _register_consumer(clock: ConsumerClock) -> Any:
     def register(self: KinesisBackend, stream_arn: str, consumer_name: str) -> Consumer:
         stream = _stream_by_arn(self, stream_arn)
         clock.purge(stream)
@@ -612,9 +629,10 @@ def _patch_registry(patches: PatchSet, hub: FanoutHub) -> None:
         stream.consumers.append(consumer)
         return consumer
 
-    original_describe = KinesisBackend.describe_stream_consumer
-    original_list = KinesisBackend.list_stream_consumers
+    return register
 
+
+def _describe_consumer(clock: ConsumerClock, original: Callable[..., Consumer]) -> Any:
     def describe(
         self: KinesisBackend, stream_arn: str, consumer_name: str, consumer_arn: str
     ) -> Consumer:
@@ -622,22 +640,26 @@ def _patch_registry(patches: PatchSet, hub: FanoutHub) -> None:
             _stream_by_arn(self, stream_arn)
         for stream in list(self.streams.values()):
             clock.purge(stream)
-        return original_describe(self, stream_arn, consumer_name, consumer_arn)
+        return original(self, stream_arn, consumer_name, consumer_arn)
 
+    return describe
+
+
+def _list_consumers(clock: ConsumerClock, original: Callable[..., Any]) -> Any:
     def list_consumers(self: KinesisBackend, stream_arn: str, **kwargs: Any) -> Any:
         clock.purge(_stream_by_arn(self, stream_arn))
-        return original_list(self, stream_arn=stream_arn, **kwargs)
+        return original(self, stream_arn=stream_arn, **kwargs)
 
+    return list_consumers
+
+
+def _deregister_consumer(hub: FanoutHub, describe: Callable[..., Consumer]) -> Any:
     def deregister(
         self: KinesisBackend, stream_arn: str, consumer_name: str, consumer_arn: str
     ) -> None:
         consumer = describe(self, stream_arn, consumer_name, consumer_arn)
-        if clock.status(consumer) != "DELETING":
-            clock.deleting(consumer)
+        if hub.consumers.status(consumer) != "DELETING":
+            hub.consumers.deleting(consumer)
             hub.notify()  # its subscriptions end
 
-    patches.replace(Consumer, "to_json", to_json)
-    patches.replace(KinesisBackend, "register_stream_consumer", register)
-    patches.replace(KinesisBackend, "describe_stream_consumer", describe)
-    patches.replace(KinesisBackend, "list_stream_consumers", list_consumers)
-    patches.replace(KinesisBackend, "deregister_stream_consumer", deregister)
+    return deregister
