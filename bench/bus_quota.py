@@ -67,6 +67,7 @@ CHUNK_BYTES = CHUNK_MS * 16  # 8 kHz, 16-bit
 TRACKS = (Track.FROM_CUSTOMER, Track.TO_CUSTOMER)
 LATENCY_LIMIT_S = 2.0
 WRITE_LAG_LIMIT_S = 0.5
+FRAGMENT = "91343852333181432392682062503400000000000000"  # a real KVS fragment number's length
 USAGE = ("records_written", "bytes_written", "get_records_calls", "bytes_read", "bytes_pushed")
 
 
@@ -134,9 +135,7 @@ class _Calls:
         pcm = seq.to_bytes(4, "big") * (CHUNK_BYTES // 4)
         offset = seq * CHUNK_BYTES // 2
         now_ms = int(time.time() * 1000)
-        event = AudioChunkCaptured(
-            contact, track, seq, offset, offset // 8, now_ms, pcm, "91343852333181432392682062"
-        )
+        event = AudioChunkCaptured(contact, track, seq, offset, offset // 8, now_ms, pcm, FRAGMENT)
         return self.contract.encode(event)
 
 
@@ -398,6 +397,35 @@ def _get_records(kinesis: Any, iterator: str) -> dict[str, Any]:
             time.sleep(0.5)
 
 
+# --- what a PutRecords costs the producer ------------------------------------------------
+def put_cost(env: dict[str, str], requests: int = 200) -> list[dict[str, float]]:
+    """Client CPU and wall time per PutRecords of 1, 2, 8 and 16 chunk records (the emulator
+    runs in another process, so process time is the producer's own)."""
+    kinesis = aws.client("kinesis", env.get("APP_REGION", "us-east-1"))
+    stream = _new_stream(kinesis)
+    contract = default_contract()
+    rows = []
+    for per in (1, 2, 8, 16):
+        count = max(10, requests // per)
+        chunks = [_event(f"c{i}", Track.FROM_CUSTOMER, i) for i in range(per)]
+        items = [{"PartitionKey": c.contact_id, "Data": contract.encode(c)} for c in chunks]
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(count):
+            kinesis.put_records(StreamName=stream, Records=items)
+            time.sleep(0.03)  # stay under the shard's write quota
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall - count * 0.03
+        rows.append(
+            {
+                "records_per_request": per,
+                "cpu_ms_per_request": cpu / count * 1000,
+                "cpu_ms_per_record": cpu / count / per * 1000,
+                "wall_ms_per_request": wall / count * 1000,
+            }
+        )
+    kinesis.delete_stream(StreamName=stream, EnforceConsumerDeletion=True)
+    return rows
+
+
 # --- the run ---------------------------------------------------------------------------
 @contextmanager
 def emulator_process() -> Iterator[dict[str, str]]:
@@ -447,11 +475,15 @@ def main() -> None:
     parser.add_argument("--search", nargs="*", type=int, default=[12, 16, 20, 24, 28, 30, 32])
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--order", action="store_true", help="also the order check")
+    parser.add_argument("--put-cost", action="store_true", help="also PutRecords' client cost")
     parser.add_argument("--json", type=Path, help="write every trial here")
     args = parser.parse_args()
     print(f"{time.strftime('%Y-%m-%d %H:%M')} cores {os.cpu_count()}; load {os.getloadavg()}")
     trials: list[dict[str, Any]] = []
     with emulator_process() as env:
+        if args.put_cost:
+            for row in put_cost(env):
+                print(row, flush=True)
         if args.order:
             for failed_only in (False, True):
                 print(order_check(env, 36, args.seconds, failed_only), flush=True)
