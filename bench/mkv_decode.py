@@ -2,21 +2,26 @@
 
 Usage: .venv/bin/python bench/mkv_decode.py [--minutes 60] [--repeats 7]
 
-Builds an N-minute Amazon Connect call as GetMedia returns it (one fragment of
-16 blocks per track per ~1 s; a tone on one track, noise on the other), then
-decodes it in the same process, alternating:
+Input, the same bytes for both sides: our own writer's output only
+(`callstream.mkv.writer.write_connect_call`, the Connect GetMedia layout the
+reader's fast paths are tuned for), never the real captures in
+../shared/fixtures/kvs/ (those are for the correctness tests). It builds an
+N-minute call (one fragment of 16 blocks per track per ~1 s; a tone on one
+track, noise on the other), then decodes it in the same process, alternating:
   - MkvStreamReader fed 64 KiB chunks;
   - ebmlite (schema 'matroska'), loaded from an in-memory file, walking every
     element and reading its value, and splitting each SimpleBlock into track,
     timecode and payload as a consumer of ebmlite must.
 CPU time (time.process_time) per run; medians reported. Then feeds one
-fragment in small chunks to show where the first frame comes out.
+fragment from the same writer (`ConnectCallWriter.getmedia_fragment`) in small
+chunks to show where the first frame comes out.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import io
 import statistics
 import time
@@ -151,13 +156,18 @@ def main() -> None:
     customer, agent = make_call(args.minutes)
     stream = write_connect_call(customer, agent, CONTACT_ID)
     call_seconds = len(customer) / 2 / SAMPLE_RATE
-    print(f"stream: {call_seconds:.0f} s of call, 2 tracks, {len(stream):,} bytes")
+    digest = hashlib.sha256(stream).hexdigest()[:16]
+    print(
+        f"input (both decoders): write_connect_call output, our writer's GetMedia layout, "
+        f"{call_seconds:.0f} s of call, 2 tracks, {len(stream):,} bytes, sha256 {digest}"
+    )
     compare(stream, call_seconds, args.repeats)
     for piece in (16, 256):
         offset, length = first_frame_offset(piece)
         print(
-            f"latency: fed in {piece}-byte chunks, first FrameRead out after {offset:,} "
-            f"of the fragment's {length:,} bytes ({100 * offset / length:.1f}%)"
+            f"latency (one ConnectCallWriter.getmedia_fragment): fed in {piece}-byte chunks, "
+            f"first FrameRead out after {offset:,} of the fragment's {length:,} bytes "
+            f"({100 * offset / length:.1f}%)"
         )
 
 
