@@ -7,7 +7,9 @@ segment's TimecodeScale; Amazon Connect writes absolute epoch milliseconds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +84,13 @@ class StreamError:
 MkvEvent = (
     SegmentStarted | TracksRead | TagsRead | ClusterStarted | FrameRead | ClusterEnded | StreamError
 )
+
+
+def slot_setters(cls: type) -> tuple[Callable[[Any, Any], None], ...]:
+    """The slot setters of a frozen slots dataclass, in field order.
+
+    Filling the slots directly makes the same object as cls(...), whose frozen
+    __init__ goes through object.__setattr__ per field: for the events made per
+    block or per tag, that costs more than the decoding itself.
+    """
+    return tuple(getattr(cls, f.name).__set__ for f in fields(cls))
