@@ -273,6 +273,7 @@ class RecorderSettings:
     align_horizon_ms: int = 30_000  # how far one track may trail the other before it is silence
     missing_wait_s: int = 60  # how long after CallEnded missing chunks are waited for
     recordings_stream: str = "callstream-recordings"  # where RecordingStored is published
+    upload_workers: int = 8  # calls whose S3 steps run at once, off the loop's thread
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> RecorderSettings:
@@ -294,6 +295,7 @@ class RecorderSettings:
             align_horizon_ms=env.integer("CALLSTREAM_RECORDING_ALIGN_S", 30, 1, 3600) * 1000,
             missing_wait_s=env.integer("CALLSTREAM_RECORDING_WAIT_S", 60, 0, 86_400),
             recordings_stream=recordings_stream(env),
+            upload_workers=env.integer("CALLSTREAM_RECORDING_UPLOAD_WORKERS", 8, 0, 64),
         )
 
 

@@ -22,23 +22,36 @@ for good) has its upload aborted and its head deleted, and the record in hand
 (or the CallEnded) is rejected with the reason (`callstream.runtime.Rejecting`)
 until the loop has stored the dead letter. A call with no audio stores
 nothing; the log line and `recordings_skipped` say why.
+
+S3 calls off the loop's thread (`upload_workers` > 0, as the service runs):
+a call's due steps run as one chain on a small thread pool, one chain per call
+at a time, so a 5 MiB part (or a call's last steps) never holds up the other
+calls' records; the core, the spool's writes and the bookkeeping change only
+under one lock. A chain's retryable failure is tried again after a backoff
+(`tick` restarts it), a configuration fault is raised by the loop's next
+`handle`, `tick` or `flush` (the service stops), a rejection by `flush`.
+With `upload_workers=0` every step runs inside `handle` (the tests that fail
+each effect in turn use that: one order of effects).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from callstream.bus.kinesis import backoff_delays
 from callstream.bus.ports import EventSink, Record
 from callstream.config import RecorderSettings
-from callstream.errors import PoisonRecordError
+from callstream.errors import PoisonRecordError, RetryableError
 from callstream.events import AudioChunkCaptured, CallEnded, Event, Track
 from callstream.metrics import Metrics
 from callstream.progress import ProgressStore
@@ -98,6 +111,7 @@ class _CallRecords:
     last: Position | None = None
     ended: Position | None = None
     ended_record: Record | None = None
+    last_record: Record | None = None
     ended_at: float | None = None
     saved: dict[str, Any] | None = None
     fresh: bool = True  # no progress was found when the call was met
@@ -116,6 +130,7 @@ class RecorderHandler:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
         done_memory: int = _DONE_MEMORY,
+        upload_workers: int = 0,
     ) -> None:
         self.settings = settings
         self.plan = plan_of(settings)
@@ -131,10 +146,24 @@ class RecorderHandler:
         self.rejections: dict[str, PoisonRecordError] = {}  # until their dead letter is stored
         self.done: OrderedDict[str, None] = OrderedDict()
         self.done_memory = done_memory
+        self.lock = threading.RLock()
+        self.pool = (
+            ThreadPoolExecutor(upload_workers, thread_name_prefix="recorder-s3")
+            if upload_workers > 0
+            else None
+        )
+        self.chains: dict[str, Future[None]] = {}  # a call's steps running on the pool
+        self.retries: dict[str, tuple[float, Iterator[float]]] = {}  # when, next delays
+        self.faults: list[BaseException] = []  # from chains, raised on the loop's thread
 
     # --- the loop's calls ---------------------------------------------------------
 
     def handle(self, event: Event, record: Record) -> None:
+        with self.lock:
+            self._raise_faults()
+            self._handle(event, record)
+
+    def _handle(self, event: Event, record: Record) -> None:
         contact_id = getattr(event, "contact_id", None)
         if contact_id is None:
             return
@@ -152,11 +181,16 @@ class RecorderHandler:
         self._rejected(contact_id, record)
 
     def is_settled(self, contact_id: str) -> bool:
-        return contact_id in self.done and contact_id not in self.rejections
+        with self.lock:
+            return contact_id in self.done and contact_id not in self.rejections
 
     def resume_point(self, contact_id: str) -> Position | None:
         """The first record a restart needs: the earliest position of a chunk not yet in
         every recording's stored parts (any track), or of the CallEnded once seen."""
+        with self.lock:
+            return self._resume_point(contact_id)
+
+    def _resume_point(self, contact_id: str) -> Position | None:
         records = self.records.get(contact_id)
         if records is None or records.saved is None or records.last is None:
             return None
@@ -175,7 +209,18 @@ class RecorderHandler:
 
     def tick(self) -> None:
         """Give up calls whose counted chunks are still missing `missing_wait_s` after
-        CallEnded."""
+        CallEnded; restart chains due again (after a retryable failure, or steps that
+        became due while a chain was finishing)."""
+        with self.lock:
+            self._raise_faults()
+            self._give_up_waiting()
+            if self.pool is not None:
+                for contact_id, call in list(self.calls.items()):
+                    records = self.records.get(contact_id)
+                    if records is not None and records.last_record is not None:
+                        self._kick(call, records.last_record)
+
+    def _give_up_waiting(self) -> None:
         now = self.clock()
         for contact_id, call in list(self.calls.items()):
             records = self.records.get(contact_id)
@@ -192,11 +237,34 @@ class RecorderHandler:
 
     def flush(self) -> None:
         """Raise the first rejection whose dead letter is not stored yet (see `Rejecting`)."""
-        for rejection in self.rejections.values():
-            raise rejection
+        with self.lock:
+            self._raise_faults()
+            for rejection in self.rejections.values():
+                raise rejection
+
+    def drain(self, timeout_s: float = 60.0) -> None:
+        """Wait until no chain runs or is due (tests, benchmarks; a stopping service lets
+        its chains finish as the process exits)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.tick()
+            with self.lock:
+                running = list(self.chains.values())
+                waiting = [when for when, _ in self.retries.values()]
+            if not running and not waiting:
+                return
+            if running:
+                wait(running, timeout=max(deadline - time.monotonic(), 0))
+            else:
+                time.sleep(min(0.05, max(min(waiting) - self.clock(), 0)))
+        raise TimeoutError(f"recorder chains still running after {timeout_s} s")
 
     def dead_lettered(self, record: Record) -> None:
         """The dead letter of `record` is stored: its call's failures are reported."""
+        with self.lock:
+            self._dead_lettered(record)
+
+    def _dead_lettered(self, record: Record) -> None:
         for contact_id, rejection in list(self.rejections.items()):
             if rejection.record != record:
                 continue
@@ -207,7 +275,12 @@ class RecorderHandler:
                 self._finish(call)
 
     def forget(self, contact_ids: Iterable[str]) -> None:
+        with self.lock:
+            self._forget(contact_ids)
+
+    def _forget(self, contact_ids: Iterable[str]) -> None:
         for contact_id in contact_ids:
+            self.retries.pop(contact_id, None)  # a running chain stops: the call is not ours
             self.calls.pop(contact_id, None)
             self.records.pop(contact_id, None)
             self.rejections.pop(contact_id, None)  # the new owner reports it again
@@ -233,7 +306,7 @@ class RecorderHandler:
     def _remember(self, contact_id: str, event: Event, record: Record) -> None:
         records = self.records.setdefault(contact_id, _CallRecords())
         position = (record.shard_id, record.sequence_number)
-        records.last = position
+        records.last, records.last_record = position, record
         if isinstance(event, AudioChunkCaptured):
             records.chunks.setdefault((event.track.value, event.sequence), position)
         elif isinstance(event, CallEnded) and records.ended is None:
@@ -274,21 +347,111 @@ class RecorderHandler:
     # --- steps ------------------------------------------------------------------------
 
     def _advance(self, call: CallRecording, record: Record) -> None:
-        """Do the call's due steps, saving progress after each; report failures; retire."""
+        """Do the call's due steps, saving progress after each; report failures; retire.
+        With a pool, the steps run as the call's chain there."""
+        if self.pool is not None:
+            self._kick(call, record)
+            return
         while (step := call.next_step()) is not None:
-            try:
-                result = self._do(call.contact_id, step)
-            except (UploadGone, PoisonRecordError) as e:
-                if isinstance(step, _AFTERWARDS):
-                    log.error("%s", e, extra={"contact_id": call.contact_id})
-                    result = Result()
-                else:
-                    call.fail(step.name, str(e))
-                    continue
-            call.confirm(step, result)
-            self._after(call, step)
+            self.spool.flush(call.contact_id)  # what the step reads is on disk
+            result = self._attempt(call, step)
+            if result is not None:
+                call.confirm(step, result)
+                self._after(call, step)
         self._report(call, record)
         self._finish(call)
+
+    def _attempt(self, call: CallRecording, step: Step) -> Result | None:
+        """Do one step; None if it cannot be done (the recording failed)."""
+        try:
+            return self._do(call.contact_id, step)
+        except (UploadGone, PoisonRecordError) as e:
+            if isinstance(step, _AFTERWARDS):
+                log.error("%s", e, extra={"contact_id": call.contact_id})
+                return Result()
+            call.fail(step.name, str(e))
+            return None
+
+    def _kick(self, call: CallRecording, record: Record) -> None:
+        """Start the call's chain unless one runs, it waits to retry, or nothing is due.
+        (The lock is held.)"""
+        contact_id = call.contact_id
+        if contact_id in self.chains or self.calls.get(contact_id) is not call:
+            return
+        retry = self.retries.get(contact_id)
+        if retry is not None and retry[0] > self.clock():
+            return
+        if call.next_step() is None:
+            self._report(call, record)
+            self._finish(call)
+            return
+        assert self.pool is not None
+        self.chains[contact_id] = self.pool.submit(self._chain, call, record)
+
+    def _chain(self, call: CallRecording, record: Record) -> None:
+        """On the pool: the call's due steps, one after another. S3 and DynamoDB are
+        called outside the lock; the core and the bookkeeping change under it."""
+        contact_id = call.contact_id
+        try:
+            while True:
+                with self.lock:
+                    ours = self.calls.get(contact_id) is call
+                    step = call.next_step() if ours else None
+                    if step is None:
+                        self._chain_ends(call, record, ours)
+                        return
+                    self.spool.flush(contact_id)  # what the step reads is on disk
+                result = self._attempt(call, step)
+                state = None
+                with self.lock:
+                    if result is not None and self.calls.get(contact_id) is call:
+                        call.confirm(step, result)
+                        state = self._after(call, step, save=False)
+                    self.retries.pop(contact_id, None)
+                if state is not None:
+                    self._store(contact_id, state)
+                    with self.lock:
+                        self._saved(contact_id, state)
+        except RetryableError as e:
+            with self.lock:
+                self._retry_later(contact_id, e)
+        except BaseException as e:  # a configuration fault or a bug: the loop's thread raises it
+            with self.lock:
+                self.chains.pop(contact_id, None)
+                self.faults.append(e)
+
+    def _chain_ends(self, call: CallRecording, record: Record, ours: bool) -> None:
+        """Nothing more is due (the lock is held): report; a done call is saved, then
+        retired, its chain kept meanwhile so no other starts."""
+        if not ours:
+            del self.chains[call.contact_id]
+            return
+        self._report(call, record)
+        state = self._snapshot(call) if call.done else None
+        if state is None:
+            del self.chains[call.contact_id]
+            if call.done:
+                self._retire(call.contact_id)
+            return
+        self.lock.release()
+        try:
+            self._store(call.contact_id, state)
+        finally:
+            self.lock.acquire()
+        del self.chains[call.contact_id]
+        self._saved(call.contact_id, state)
+        self._retire(call.contact_id)
+
+    def _retry_later(self, contact_id: str, error: RetryableError) -> None:
+        self.chains.pop(contact_id, None)
+        _, delays = self.retries.get(contact_id) or (0.0, backoff_delays(base_s=0.1, cap_s=5.0))
+        delay = next(delays)
+        self.retries[contact_id] = (self.clock() + delay, delays)
+        log.warning("retrying in %.1f s after: %s", delay, error, extra={"contact_id": contact_id})
+
+    def _raise_faults(self) -> None:
+        if self.faults:
+            raise self.faults.pop(0)
 
     def _do(self, contact_id: str, step: Step) -> Result:
         if isinstance(step, UploadWav):
@@ -345,10 +508,15 @@ class RecorderHandler:
             ]
         )
 
-    def _after(self, call: CallRecording, step: Step) -> None:
-        """A step is done: free the spool below what is stored, save progress, say so."""
+    def _after(self, call: CallRecording, step: Step, save: bool = True) -> dict[str, Any] | None:
+        """A step is done: free the spool below what is stored, save progress (or return
+        the state to save, `save=False`), say so."""
         self._floors(call)
-        self._save(call)
+        state = self._snapshot(call)
+        if save and state is not None:
+            self._store(call.contact_id, state)
+            self._saved(call.contact_id, state)
+            state = None
         extra = {"contact_id": call.contact_id, "track": step.name}
         if isinstance(step, (UploadPart, UploadFirstPart)):
             self.metrics.count(PARTS_UPLOADED)
@@ -364,6 +532,7 @@ class RecorderHandler:
                 step.event.checksum,
                 extra=extra,
             )
+        return state
 
     def _floors(self, call: CallRecording) -> None:
         for track in call.tracks:
@@ -372,12 +541,14 @@ class RecorderHandler:
     def _report(self, call: CallRecording, record: Record) -> None:
         """Failures become a rejection of `record`; a call without audio says why."""
         failures = call.unreported_failures()
+        records = self.records.get(call.contact_id)
+        if call.failed and records is not None and records.ended_record is not None:
+            record = records.ended_record  # the call's input is wrong: its end says so
         if failures and call.contact_id not in self.rejections:
             reason = "; ".join(failures)
             self.metrics.count(RECORDINGS_FAILED, len(failures))
             log.error(reason, extra={"contact_id": call.contact_id})
             self.rejections[call.contact_id] = PoisonRecordError(reason, record)
-        records = self.records.get(call.contact_id)
         if call.skipped and records is not None and not records.skip_logged:
             records.skip_logged = True
             assert call.ended is not None
@@ -397,11 +568,26 @@ class RecorderHandler:
 
     def _save(self, call: CallRecording) -> None:
         """Save the call's progress (raises RetryableError: the loop retries)."""
-        records = self.records.get(call.contact_id)
-        if self.progress is None or records is None:
+        state = self._snapshot(call)
+        if state is not None:
+            self._store(call.contact_id, state)
+            self._saved(call.contact_id, state)
+
+    def _snapshot(self, call: CallRecording) -> dict[str, Any] | None:
+        """The call's progress to save, if it is saved anywhere."""
+        if self.progress is None or call.contact_id not in self.records:
+            return None
+        return call.progress()
+
+    def _store(self, contact_id: str, state: dict[str, Any]) -> None:
+        assert self.progress is not None
+        self.progress.save(contact_id, state, state["version"])
+
+    def _saved(self, contact_id: str, state: dict[str, Any]) -> None:
+        """`state` is stored: resume points follow it; chunk positions before it go."""
+        records = self.records.get(contact_id)
+        if records is None or (records.saved and records.saved["version"] > state["version"]):
             return
-        state = call.progress()
-        self.progress.save(call.contact_id, state, state["version"])
         records.saved = state
         durable = _durable(state)
         for key in [k for k in records.chunks if k[1] < durable.get(k[0], 0)]:
@@ -413,6 +599,7 @@ class RecorderHandler:
             self._retire(call.contact_id)
 
     def _retire(self, contact_id: str) -> None:
+        self.retries.pop(contact_id, None)
         self.calls.pop(contact_id, None)
         self.records.pop(contact_id, None)
         self.spool.discard(contact_id)

@@ -54,6 +54,7 @@ def main() -> None:
         ),
         progress=DynamoProgress(aws.client("dynamodb", bus.region), bus.progress_table, "recorder"),
         metrics=metrics,
+        upload_workers=settings.upload_workers,
     )
     try:
         run_service("recorder", bus, bus.audio_stream, handler)

@@ -15,7 +15,7 @@ import random
 import struct
 import threading
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +178,17 @@ class Clock:
         return self.now
 
 
+WORKERS = [0]  # the pool size the handler gets: set per test by the `workers` fixture
+
+
+@pytest.fixture(autouse=True, params=[0, 4], ids=["inline", "pool"])
+def workers(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Every test runs with the steps inside `handle` and on a pool of 4 threads."""
+    WORKERS[0] = request.param
+    yield request.param
+    WORKERS[0] = 0
+
+
 def instance(
     world: World, config: RecorderSettings, s3: Any = None, progress: Any = None, **kw: Any
 ) -> tuple[RecorderHandler, ServiceLoop]:
@@ -186,6 +197,7 @@ def instance(
         s3 if s3 is not None else world.s3,
         sink=kw.pop("sink", MemoryPublisher(world.out)),
         progress=progress if progress is not None else world.progress,
+        upload_workers=WORKERS[0],
         **kw,
     )
     loop = ServiceLoop(
@@ -211,7 +223,7 @@ def run(
             each(handler, record)
         loop.flush()
         loop.checkpoint()
-    handler.tick()
+    handler.drain()
     loop.flush()
     loop.checkpoint()
     return handler
@@ -380,9 +392,10 @@ def test_a_takeover_continues_the_upload_and_reads_back_only_what_was_not_stored
     world.play(events)
     records = world.audio.shards[0]
     kill_at = len(records) * 2 // 3
-    _handler, loop = instance(world, settings(tmp_path / "a"))
+    handler, loop = instance(world, settings(tmp_path / "a"))
     for record in loop.source.poll()[:kill_at]:
         loop.process([record])
+        handler.drain()  # in this test the kill comes between records, not inside a step
         loop.checkpoint()
     # killed: the next instance starts from the checkpoint and the saved progress
     sequence, inclusive = world.checkpoints["shardId-000000000000"]
@@ -407,7 +420,9 @@ def test_a_chunk_beyond_call_endeds_count_aborts_the_upload_and_dead_letters_the
     world.play(call_events("c11", tracks, counts=counts))
     handler = run(world, settings(tmp_path))
     assert world.s3.objects == {} and world.s3.uploads == {}  # head and parts gone
-    assert "AbortMultipartUpload" in world.s3.calls and world.announced() == []
+    assert world.announced() == []
+    if WORKERS[0] == 0:  # on a pool, the end may come before anything was stored
+        assert "AbortMultipartUpload" in world.s3.calls
     (letter,) = world.dead_letters()
     assert "CallEnded counts 40 chunks of AUDIO_FROM_CUSTOMER, but chunk 46 arrived" in (
         letter.reason
@@ -427,10 +442,11 @@ def test_chunks_still_missing_after_the_wait_are_a_dead_letter_not_a_short_wav(
     clock = Clock()
     handler, loop = instance(world, settings(tmp_path), clock=clock)
     loop.process(loop.source.poll())
+    handler.drain()
     loop.checkpoint()
     assert not handler.is_settled("c12") and world.dead_letters() == []
     clock.now += 61
-    handler.tick()
+    handler.drain()
     loop.flush()
     loop.checkpoint()
     (letter,) = world.dead_letters()
