@@ -26,6 +26,9 @@ lint: setup
 	$(BIN)/mypy callstream services
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml compose.localstack.yml
+	$(BIN)/lint-imports
+	$(BIN)/vulture
+	$(BIN)/deptry .
 
 bench: setup
 	$(BIN)/python bench/mkv_decode.py
