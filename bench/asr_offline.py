@@ -53,8 +53,8 @@ import soxr
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from callstream.asr.base import Hypothesis  # noqa: E402
-from callstream.asr.offline import OfflineEngine, OfflineStream, tidy  # noqa: E402
+from callstream.asr.offline.engine import OfflineEngine, OfflineStream, tidy  # noqa: E402
+from callstream.asr.port import Hypothesis  # noqa: E402
 
 SAMPLES = ROOT / "samples"
 BYTES_PER_SECOND = 16000

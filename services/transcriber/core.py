@@ -37,8 +37,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from callstream.asr.base import Hypothesis, RecognitionStream, SpeechEngine
-from callstream.asr.errors import FatalSpeechError, RetryableSpeechError, SpeechEngineError
+from callstream.asr.port import (
+    FatalSpeechError,
+    Hypothesis,
+    RecognitionStream,
+    RetryableSpeechError,
+    SpeechEngine,
+    SpeechEngineError,
+)
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,

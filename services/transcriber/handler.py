@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from callstream.asr.base import SpeechEngine
+from callstream.asr.port import SpeechEngine
 from callstream.bus.ports import EventSink, Record
 from callstream.events import (
     AudioChunkCaptured,

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from callstream import aws
 from callstream import log as logsetup
-from callstream.asr.base import SpeechEngine
+from callstream.asr.port import SpeechEngine
 from callstream.config import TranscriberSettings
 from callstream.errors import ConfigError
 from callstream.progress import DynamoProgress
@@ -39,7 +39,7 @@ class ClosableEngine(SpeechEngine, Protocol):
 def make_engine(settings: TranscriberSettings, options: TranscribeOptions) -> ClosableEngine:
     """The configured speech engine (imported lazily: each has heavy dependencies)."""
     if settings.engine == "transcribe":
-        from callstream.asr.transcribe import TranscribeEngine
+        from callstream.asr.transcribe.engine import TranscribeEngine
 
         engine = TranscribeEngine(
             settings.transcribe_region,
@@ -47,12 +47,12 @@ def make_engine(settings: TranscriberSettings, options: TranscribeOptions) -> Cl
             **options.engine_kwargs(),
         )
         if options.channel_mode == "stereo":
-            from callstream.asr.stereo import StereoTranscribeEngine
+            from callstream.asr.transcribe.stereo import StereoTranscribeEngine
 
             return StereoTranscribeEngine(engine, **options.stereo_kwargs())
         return engine
-    from callstream.asr.offline import OfflineEngine
-    from callstream.asr.pool import PooledEngine
+    from callstream.asr.offline.engine import OfflineEngine
+    from callstream.asr.offline.pool import PooledEngine
 
     return PooledEngine(OfflineEngine(), options.workers)
 

@@ -14,7 +14,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
-from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE
+from callstream.asr.port import BYTES_PER_SAMPLE, SAMPLE_RATE
 
 BYTES_PER_MS = SAMPLE_RATE * BYTES_PER_SAMPLE // 1000
 

@@ -16,15 +16,19 @@ import pytest
 
 pytest.importorskip("hypercorn", reason="the local Transcribe endpoint needs hypercorn")
 
-from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE, Hypothesis, RecognitionStream, Word
-from callstream.asr.errors import (
+from callstream.asr.port import (
+    BYTES_PER_SAMPLE,
+    SAMPLE_RATE,
     FatalSpeechError,
+    Hypothesis,
+    RecognitionStream,
     RetryableSpeechError,
     SpeechEngineError,
+    Word,
 )
-from callstream.asr.transcribe import TranscribeEngine, TranscribeStream
+from callstream.asr.transcribe.engine import TranscribeEngine, TranscribeStream
 from callstream.errors import RetryableError
-from callstream.local.transcribe_server import Fault, LocalTranscribeServer
+from callstream.local.transcribe import Fault, LocalTranscribeServer
 
 pytestmark = pytest.mark.integration
 

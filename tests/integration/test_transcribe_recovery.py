@@ -24,8 +24,8 @@ import pytest
 
 pytest.importorskip("hypercorn", reason="the local Transcribe endpoint needs hypercorn")
 
-from callstream.asr.offline import OfflineEngine
-from callstream.asr.transcribe import TranscribeEngine
+from callstream.asr.offline.engine import OfflineEngine
+from callstream.asr.transcribe.engine import TranscribeEngine
 from callstream.bus.ports import Record
 from callstream.events import (
     AudioChunkCaptured,
@@ -36,7 +36,7 @@ from callstream.events import (
     Track,
     TranscriptSegmentProduced,
 )
-from callstream.local.transcribe_server import Fault, LocalTranscribeServer
+from callstream.local.transcribe import Fault, LocalTranscribeServer
 from services.transcriber.main import TranscriberHandler
 from services.transcriber.recovery import RecoveryPolicy
 

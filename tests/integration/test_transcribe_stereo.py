@@ -23,11 +23,10 @@ from test_transcribe_engine import (
     tone,
 )
 
-from callstream.asr.base import Hypothesis
-from callstream.asr.errors import RetryableSpeechError
-from callstream.asr.stereo import StereoHandle, StereoTranscribeEngine
-from callstream.asr.transcribe import TranscribeEngine
-from callstream.local.transcribe_server import Fault, LocalTranscribeServer
+from callstream.asr.port import Hypothesis, RetryableSpeechError
+from callstream.asr.transcribe.engine import TranscribeEngine
+from callstream.asr.transcribe.stereo import StereoHandle, StereoTranscribeEngine
+from callstream.local.transcribe import Fault, LocalTranscribeServer
 
 pytestmark = pytest.mark.integration
 

@@ -27,9 +27,9 @@ pytest.importorskip("hypercorn", reason="the local Transcribe endpoint needs hyp
 
 from test_transcribe_recovery import IDLE_TIMEOUT_S, POLICY, RECORD, SAMPLES, ListSink, normalise
 
-from callstream.asr.offline import OfflineEngine
-from callstream.asr.stereo import StereoTranscribeEngine
-from callstream.asr.transcribe import TranscribeEngine
+from callstream.asr.offline.engine import OfflineEngine
+from callstream.asr.transcribe.engine import TranscribeEngine
+from callstream.asr.transcribe.stereo import StereoTranscribeEngine
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,
@@ -39,7 +39,7 @@ from callstream.events import (
     Track,
     TranscriptSegmentProduced,
 )
-from callstream.local.transcribe_server import Fault, LocalTranscribeServer
+from callstream.local.transcribe import Fault, LocalTranscribeServer
 from services.transcriber.main import TranscriberHandler
 
 pytestmark = pytest.mark.integration

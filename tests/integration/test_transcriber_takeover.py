@@ -39,7 +39,7 @@ SHARD = "shardId-000000000000"
 
 @pytest.fixture(scope="module")
 def engine() -> Any:
-    from callstream.asr.offline import OfflineEngine
+    from callstream.asr.offline.engine import OfflineEngine
 
     return OfflineEngine()
 

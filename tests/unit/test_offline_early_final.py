@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from callstream.asr.base import Hypothesis
-from callstream.asr.endpointer import EndpointerConfig
-from callstream.asr.moonshine import MoonshineModel, Transcript
-from callstream.asr.offline import OfflineStream, shared_model
+from callstream.asr.offline.endpointer import EndpointerConfig
+from callstream.asr.offline.engine import OfflineStream, shared_model
+from callstream.asr.offline.moonshine import MoonshineModel, Transcript
+from callstream.asr.port import Hypothesis
 
 AGENT = Path(__file__).resolve().parents[2] / "samples" / "call" / "agent.wav"
 CHUNK_20MS = 320

@@ -16,11 +16,10 @@ import jiwer
 import numpy as np
 import pytest
 
-from callstream.asr.base import Hypothesis
-from callstream.asr.endpointer import Closed, Endpointer, EndpointerConfig, Opened
-from callstream.asr.errors import FatalSpeechError
-from callstream.asr.moonshine import ModelNotFoundError, Tokenizer, find_model_dir
-from callstream.asr.offline import OfflineEngine, OfflineStream, tidy
+from callstream.asr.offline.endpointer import Closed, Endpointer, EndpointerConfig, Opened
+from callstream.asr.offline.engine import OfflineEngine, OfflineStream, tidy
+from callstream.asr.offline.moonshine import ModelNotFoundError, Tokenizer, find_model_dir
+from callstream.asr.port import FatalSpeechError, Hypothesis
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "call"
 TRACK_FILES = {"AUDIO_TO_CUSTOMER": "agent.wav", "AUDIO_FROM_CUSTOMER": "customer.wav"}

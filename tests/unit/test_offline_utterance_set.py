@@ -15,7 +15,7 @@ from pathlib import Path
 
 import jiwer
 
-from callstream.asr.offline import OfflineEngine
+from callstream.asr.offline.engine import OfflineEngine
 
 UTTERANCES = Path(__file__).resolve().parents[2] / "samples" / "utterances"
 WER_BOUND = 0.09

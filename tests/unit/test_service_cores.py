@@ -5,7 +5,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from callstream.asr.base import Hypothesis
+from callstream.asr.port import Hypothesis
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,

@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from callstream.asr.base import Hypothesis
-from callstream.asr.errors import FatalSpeechError
-from callstream.asr.pool import PooledEngine
+from callstream.asr.offline.pool import PooledEngine
+from callstream.asr.port import FatalSpeechError, Hypothesis
 
 
 @dataclass

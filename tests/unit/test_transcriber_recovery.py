@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from callstream.asr.base import Hypothesis, Word
-from callstream.asr.errors import FatalSpeechError, RetryableSpeechError
+from callstream.asr.port import FatalSpeechError, Hypothesis, RetryableSpeechError, Word
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,

@@ -32,8 +32,8 @@ def test_stereo_channel_mode_and_its_tuning_reach_the_stereo_engine() -> None:
 
 
 def test_make_engine_wraps_transcribe_in_the_stereo_engine_only_in_stereo_mode() -> None:
-    from callstream.asr.stereo import StereoTranscribeEngine
-    from callstream.asr.transcribe import TranscribeEngine
+    from callstream.asr.transcribe.engine import TranscribeEngine
+    from callstream.asr.transcribe.stereo import StereoTranscribeEngine
     from callstream.config import TranscriberSettings
     from services.transcriber.main import make_engine
 

@@ -1,6 +1,6 @@
 """The offline speech engine: Moonshine base-en on ONNX Runtime, no network.
 
-Per stream: 8 kHz PCM is endpointed into utterances (`callstream.asr.endpointer`),
+Per stream: 8 kHz PCM is endpointed into utterances (`callstream.asr.offline.endpointer`),
 and each range is upsampled to 16 kHz by soxr (HQ) when decoded; `poll()` decodes each
 closed utterance into a final and, while one is open, re-decodes it now and
 then for a partial. Partials are spaced by 0.6 s of audio at first, then by
@@ -42,11 +42,16 @@ from pathlib import Path
 import numpy as np
 import soxr
 
-from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE, Hypothesis
-from callstream.asr.endpointer import Closed, Endpointer, EndpointerConfig, Opened, Utterance
-from callstream.asr.errors import FatalSpeechError
-from callstream.asr.moonshine import SAMPLE_RATE as MODEL_RATE
-from callstream.asr.moonshine import MoonshineModel, Transcript
+from callstream.asr.offline.endpointer import (
+    Closed,
+    Endpointer,
+    EndpointerConfig,
+    Opened,
+    Utterance,
+)
+from callstream.asr.offline.moonshine import SAMPLE_RATE as MODEL_RATE
+from callstream.asr.offline.moonshine import MoonshineModel, Transcript
+from callstream.asr.port import BYTES_PER_SAMPLE, SAMPLE_RATE, FatalSpeechError, Hypothesis
 
 log = logging.getLogger(__name__)
 

@@ -4,12 +4,21 @@ A `RecognitionStream` is one audio track of one call. Audio goes in as 8 kHz
 16-bit signed little-endian mono PCM; hypotheses come out with times in
 milliseconds relative to the first sample sent on that stream. The caller
 (the transcriber core) shifts them to call-relative time.
+
+How a stream fails is part of the port: engines translate their library's
+exceptions into `SpeechEngineError`s at the boundary, and raise them from
+`RecognitionStream.poll()` / `close()` once the stream has failed. The
+transcriber decides what to do: reopen a stream and resend the audio after a
+`RetryableSpeechError`; give up on the track after a `FatalSpeechError`,
+which retrying cannot cure.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Protocol
+
+from callstream.errors import CallstreamError, RetryableError
 
 SAMPLE_RATE = 8000
 BYTES_PER_SAMPLE = 2
@@ -61,3 +70,27 @@ class SpeechEngine(Protocol):
 
     def open_stream(self, *, contact_id: str, track: str, language: str) -> RecognitionStream:
         """Start recognising one track of one call."""
+
+
+class SpeechEngineError(CallstreamError):
+    """A recognition stream failed; the message says what happened.
+
+    `code` is the engine's own name for the failure (for Amazon Transcribe the
+    exception name, such as ``LimitExceededException``). `hypotheses` holds
+    results the stream had received but not yet handed out when it failed.
+    """
+
+    def __init__(
+        self, message: str, *, code: str = "", hypotheses: tuple[Hypothesis, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.code = code
+        self.hypotheses = hypotheses
+
+
+class RetryableSpeechError(SpeechEngineError, RetryableError):
+    """Transient: throttled, service unavailable or failing, connection dropped."""
+
+
+class FatalSpeechError(SpeechEngineError):
+    """Retrying will not help: a bad request, missing or rejected credentials, bad setup."""

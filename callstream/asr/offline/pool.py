@@ -17,8 +17,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from callstream.asr.base import Hypothesis, RecognitionStream, SpeechEngine
-from callstream.asr.errors import SpeechEngineError
+from callstream.asr.port import Hypothesis, RecognitionStream, SpeechEngine, SpeechEngineError
 
 log = logging.getLogger(__name__)
 

@@ -44,9 +44,15 @@ from types import TracebackType
 
 import numpy as np
 
-from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE, Hypothesis, Word
-from callstream.asr.errors import RetryableSpeechError, SpeechEngineError
-from callstream.asr.transcribe import TranscribeEngine, TranscribeStream
+from callstream.asr.port import (
+    BYTES_PER_SAMPLE,
+    SAMPLE_RATE,
+    Hypothesis,
+    RetryableSpeechError,
+    SpeechEngineError,
+    Word,
+)
+from callstream.asr.transcribe.engine import TranscribeEngine, TranscribeStream
 
 _log = logging.getLogger(__name__)
 
@@ -137,9 +143,6 @@ class StereoMux:
         self._slots = (_Slot(), _Slot())
         self.sent_samples = 0  # frames released
         self.padded_samples = [0, 0]  # silence inserted per channel
-
-    def is_vacant(self, channel: int) -> bool:
-        return self._slots[channel].state is _SlotState.VACANT
 
     def queued(self, channel: int) -> int:
         """Samples of `channel` waiting to be released."""

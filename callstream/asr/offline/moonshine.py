@@ -6,7 +6,7 @@ imported: its directory is found with ``importlib.util.find_spec`` (which does
 not execute the package) and the files are run with ``onnxruntime``.
 
 Loading: each ``.ort`` model is re-saved as ONNX by onnxruntime, rewritten by
-`callstream.asr.onnx_graph` (weights dequantised once instead of on every
+`callstream.asr.offline.onnx_graph` (weights dequantised once instead of on every
 call) and loaded from that. Decoding is greedy, with the decoder's key/value
 cache: the first step runs the merged decoder's no-cache branch, which also
 returns the cross-attention keys/values of the audio; later steps feed back
@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from callstream.asr.errors import FatalSpeechError
-from callstream.asr.onnx_graph import prepare_model
+from callstream.asr.offline.onnx_graph import prepare_model
+from callstream.asr.port import FatalSpeechError
 
 log = logging.getLogger(__name__)
 

@@ -8,14 +8,14 @@ puts the hypotheses that come back on a thread-safe queue, which `poll()`
 drains. `close()` ends the audio and waits, for a bounded time, for the last
 results.
 
-Failures are translated into `callstream.asr.errors` at this boundary and
+Failures are translated into `callstream.asr.port` at this boundary and
 raised from `poll()` / `close()` once the stream has failed. Resending audio
 after a `RetryableSpeechError` is the caller's job; `sent_ms` says how much
 audio this stream handed to Transcribe.
 
 `open_stream(..., channels=2)` opens one stream of interleaved 2-channel PCM
 with channel identification; its results carry the channel's index
-(`poll_channels`, `take_results`). `callstream.asr.stereo` builds the
+(`poll_channels`, `take_results`). `callstream.asr.transcribe.stereo` builds the
 one-stream-per-call engine on it.
 
 A custom `endpoint_url` must be https://: the SDK negotiates HTTP/2 only through
@@ -53,8 +53,15 @@ from amazon_transcribe.model import (
 )
 from awscrt.exceptions import AwsCrtError
 
-from callstream.asr.base import BYTES_PER_SAMPLE, SAMPLE_RATE, Hypothesis, Word
-from callstream.asr.errors import FatalSpeechError, RetryableSpeechError, SpeechEngineError
+from callstream.asr.port import (
+    BYTES_PER_SAMPLE,
+    SAMPLE_RATE,
+    FatalSpeechError,
+    Hypothesis,
+    RetryableSpeechError,
+    SpeechEngineError,
+    Word,
+)
 
 _log = logging.getLogger(__name__)
 
