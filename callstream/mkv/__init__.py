@@ -1,8 +1,11 @@
 """Streaming Matroska for Kinesis Video Streams: pure bytes in, events out.
 
-`reader.MkvStreamReader` turns GetMedia/PutMedia bytes into `events`;
-`writer` builds Amazon Connect's exact fragment layout; `ebml` holds the
-element IDs and the variable-length-integer primitives both use.
+`reader.MkvStreamReader` turns GetMedia/PutMedia bytes into `events`, over
+`framing` (where elements may appear and end), `blocks` and `lacing` (blocks
+to frames), `tracks` (track and tag semantics), `replay` (repeated metadata)
+and `resync` (finding a header after corrupt input); `writer` builds Amazon
+Connect's exact fragment layout; `ebml` holds the element IDs and the
+variable-length-integer primitives both use.
 """
 
 from callstream.mkv.events import (
