@@ -52,9 +52,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
-from callstream.bus.kinesis import backoff_delays
-from callstream.bus.leases import now_ms
 from callstream.bus.ports import RawSink, Record, RecordSource
+from callstream.clock import backoff_delays, now_ms
 from callstream.contract import Contract, default_contract
 from callstream.errors import (
     ConfigurationFault,

@@ -46,7 +46,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,14 +63,6 @@ MAX_BATCH_RECORDS = 500
 MAX_BATCH_BYTES = 5 * 1024 * 1024
 BACKOFF_BASE_S = 0.05
 BACKOFF_CAP_S = 2.0
-
-
-def backoff_delays(base_s: float = BACKOFF_BASE_S, cap_s: float = BACKOFF_CAP_S) -> Iterator[float]:
-    """Full-jitter exponential backoff delays (seconds), forever."""
-    attempt = 0
-    while True:
-        yield random.uniform(0, min(cap_s, base_s * (2**attempt)))
-        attempt += 1
 
 
 @dataclass(eq=False)

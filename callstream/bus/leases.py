@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import ClientError
 
 from callstream import aws
+from callstream.clock import now_ms
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +40,6 @@ class Lease:
     checkpoint_inclusive: bool
     finished: bool = False
     drained: bool = False
-
-
-def now_ms() -> int:
-    """Wall-clock epoch milliseconds."""
-    return int(time.time() * 1000)
 
 
 class LeaseTable:

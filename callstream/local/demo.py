@@ -137,7 +137,7 @@ def list_recordings(env: dict[str, str], contact_id: str) -> list[str]:
 
 def read_rows(env: dict[str, str], contact_id: str) -> dict[str, list[dict[str, Any]]]:
     """The call's DynamoDB rows, per table, in StartTime order."""
-    from callstream.config import PersisterSettings
+    from services.persister.settings import PersisterSettings
 
     settings = PersisterSettings.from_env(env)
     table_api = aws.session(env["APP_REGION"]).resource("dynamodb")

@@ -11,9 +11,10 @@ import contextlib
 from collections.abc import Mapping
 
 from callstream import aws
-from callstream.config import BusSettings, Env, PersisterSettings
+from callstream.config import BusSettings, Env
 from callstream.service import ensure_stream
-from services.persister.main import ensure_tables
+from services.persister.adapters import ensure_tables
+from services.persister.settings import PersisterSettings
 
 DEFAULT_BUCKET = "callstream-recordings-local"
 

@@ -17,9 +17,9 @@ from typing import Any
 from callstream import aws
 from callstream import log as logsetup
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.config import PersisterSettings
 from callstream.lambda_consumer import KinesisBatchConsumer
-from services.persister.main import PersisterHandler
+from services.persister.handler import PersisterHandler
+from services.persister.settings import PersisterSettings
 
 # Throttled writes are retried within an invocation for at most this long, then
 # reported as batch item failures: well inside the function's timeout.

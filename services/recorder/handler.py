@@ -48,8 +48,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from callstream.bus.kinesis import backoff_delays
 from callstream.bus.ports import EventSink, Record
+from callstream.clock import backoff_delays
 from callstream.config import RecorderSettings
 from callstream.errors import PoisonRecordError, RetryableError
 from callstream.events import AudioChunkCaptured, CallEnded, Event, Track

@@ -94,9 +94,9 @@ def test_dynamodb_and_s3_faults_are_settable_over_http(
 def test_the_persister_stores_every_row_through_unprocessed_items(
     emulator: Emulator, aws_session: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from callstream.config import PersisterSettings
     from callstream.events import Track, TranscriptSegmentProduced
-    from services.persister.main import PersisterHandler
+    from services.persister.handler import PersisterHandler
+    from services.persister.settings import PersisterSettings
 
     dynamodb = aws_session.client("dynamodb")
     customer, agent = _table(dynamodb), _table(dynamodb)

@@ -25,7 +25,7 @@ import pytest
 
 from callstream.contract import default_contract
 from callstream.events import CallStarted, DeadLetter, Track, TranscriptSegmentProduced
-from services.persister.main import ensure_tables
+from services.persister.adapters import ensure_tables
 from services.sentiment.main import ensure_table as ensure_sentiment_table
 
 pytestmark = pytest.mark.integration

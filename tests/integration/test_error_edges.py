@@ -63,8 +63,8 @@ def _segment(contact: str, i: int, text: str | None = None) -> TranscriptSegment
 
 
 def _persister(aws_session: Any, monkeypatch: pytest.MonkeyPatch, table: str) -> Any:
-    from callstream.config import PersisterSettings
-    from services.persister.main import PersisterHandler
+    from services.persister.handler import PersisterHandler
+    from services.persister.settings import PersisterSettings
 
     monkeypatch.setenv("TABLE_CALLER_TRANSCRIPT", table)
     monkeypatch.setenv("TABLE_CALLER_TRANSCRIPT_TO_CUSTOMER", table)

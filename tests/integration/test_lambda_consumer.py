@@ -20,12 +20,13 @@ import pytest
 from botocore.config import Config
 
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.config import PersisterSettings
 from callstream.contract import default_contract
 from callstream.events import DeadLetter, Track, TranscriptSegmentProduced
 from callstream.lambda_consumer import KinesisBatchConsumer
 from callstream.local.emulator import Emulator
-from services.persister.main import PersisterHandler, ensure_tables
+from services.persister.adapters import ensure_tables
+from services.persister.handler import PersisterHandler
+from services.persister.settings import PersisterSettings
 
 pytestmark = pytest.mark.integration
 POISON = b"plain text, not a framed Avro record"

@@ -9,11 +9,11 @@ import pytest
 
 from callstream.config import (
     IngestSettings,
-    PersisterSettings,
     RecorderSettings,
     TranscriberSettings,
 )
 from callstream.errors import ConfigError
+from services.persister.settings import PersisterSettings
 
 
 def test_reference_variables_keep_their_meaning() -> None:

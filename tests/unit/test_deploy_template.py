@@ -20,10 +20,10 @@ import pytest
 
 from callstream.config import (
     IngestSettings,
-    PersisterSettings,
     RecorderSettings,
     TranscriberSettings,
 )
+from services.persister.settings import PersisterSettings
 from services.sentiment.main import SentimentSettings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "callstream.yaml"

@@ -26,10 +26,10 @@ from dynamodb_double import DynamoDBDouble, Tables
 from effect_faults import MODES, Faults, FaultySource, retried, until_done
 
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
-from callstream.config import PersisterSettings
 from callstream.events import CallEnded, EndReason, Event, Track, TranscriptSegmentProduced
 from callstream.runtime import ServiceLoop
-from services.persister.main import PersisterHandler
+from services.persister.handler import PersisterHandler
+from services.persister.settings import PersisterSettings
 
 SHARD = "shardId-000000000000"
 CUSTOMER, AGENT = "fromCustomer", "toCustomer"
@@ -163,9 +163,9 @@ def _no_backoff_sleep(monkeypatch: pytest.MonkeyPatch) -> None:
 def shape(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[Shape]:
     chosen: Shape = request.param
     if chosen.flush_at is not None:
-        monkeypatch.setattr("services.persister.main.FLUSH_AT", chosen.flush_at)
+        monkeypatch.setattr("services.persister.handler.FLUSH_AT", chosen.flush_at)
     if chosen.batch_items is not None:
-        monkeypatch.setattr("services.persister.main.BATCH_ITEMS", chosen.batch_items)
+        monkeypatch.setattr("services.persister.handler.BATCH_ITEMS", chosen.batch_items)
     yield chosen
 
 
