@@ -11,6 +11,7 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
+from callstream.awserrors import classify
 from callstream.errors import RetryableError
 from services.sentiment.core import Sentiment
 
@@ -60,7 +61,7 @@ class ComprehendScorer:
             code = e.response.get("Error", {}).get("Code", "")
             if code in ("ThrottlingException", "InternalServerException"):
                 raise RetryableError(f"Comprehend {code}") from e
-            raise
+            raise classify(e, what=f"scoring with {self.name}") from e
         except BotoCoreError as e:
             raise RetryableError(f"Comprehend unreachable: {e}") from e
         scores = answer["SentimentScore"]

@@ -18,7 +18,8 @@ from callstream.bus.kinesis import KinesisPublisher
 from callstream.lambda_consumer import KinesisBatchConsumer
 from services.sentiment.core import Scorer
 from services.sentiment.engines import ComprehendScorer, VaderScorer
-from services.sentiment.main import SentimentHandler, SentimentSettings
+from services.sentiment.handler import SentimentHandler
+from services.sentiment.settings import SentimentSettings
 
 DEADLETTER_DEADLINE_S = 20.0
 

@@ -15,7 +15,7 @@ from callstream.errors import ConfigError
 from callstream.events import CallEnded, EndReason, Track, TranscriptSegmentProduced
 from services.sentiment.core import LABELS, Sentiment, row_for
 from services.sentiment.engines import ComprehendScorer, VaderScorer
-from services.sentiment.main import SentimentSettings
+from services.sentiment.settings import SentimentSettings
 
 
 class FixedScorer:

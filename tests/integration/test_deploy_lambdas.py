@@ -26,7 +26,7 @@ import pytest
 from callstream.contract import default_contract
 from callstream.events import CallStarted, DeadLetter, Track, TranscriptSegmentProduced
 from services.persister.adapters import ensure_tables
-from services.sentiment.main import ensure_table as ensure_sentiment_table
+from services.sentiment.adapters import ensure_table as ensure_sentiment_table
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

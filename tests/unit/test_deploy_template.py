@@ -24,7 +24,7 @@ from callstream.config import (
     TranscriberSettings,
 )
 from services.persister.settings import PersisterSettings
-from services.sentiment.main import SentimentSettings
+from services.sentiment.settings import SentimentSettings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "callstream.yaml"
 # Actions AWS offers no resource-level permissions for.

@@ -23,7 +23,8 @@ from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
 from callstream.events import TranscriptSegmentProduced
 from callstream.runtime import ServiceLoop
 from services.sentiment.core import Scorer
-from services.sentiment.main import SentimentHandler, SentimentSettings
+from services.sentiment.handler import SentimentHandler
+from services.sentiment.settings import SentimentSettings
 
 TABLE = "sentiment"
 
