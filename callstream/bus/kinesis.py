@@ -29,14 +29,15 @@ full request. A key refused for throughput waits before its next attempt
 records is stored), while keys on other shards go on: the publisher paces
 itself to each shard's write quota without knowing the shard map.
 
-Nothing is dropped silently. A publish whose records are not all stored
-within `deadline_s` raises `StoreUnavailable` (the caller does not
-checkpoint, so its input is replayed), and so does every publish queued
-behind it on one of its keys (sending those would put them before the
-missing record). Errors no retry mends are raised at once, classified by
-`callstream.awserrors`: `ConfigurationFault` (a missing stream, access
-denied, the stream's KMS key denied or disabled, also as a per-entry error
-code) or `PoisonRecordError` (a record Kinesis refuses).
+Nothing is dropped silently. A publish one of whose records is refused
+after `deadline_s` raises `StoreUnavailable` (the caller does not
+checkpoint, so its input is replayed; a deadline of 0 gives up at the first
+refusal), and so does every publish queued behind it on one of its keys
+(sending those would put them before the missing record). Errors no retry
+mends are raised at once, classified by `callstream.awserrors`:
+`ConfigurationFault` (a missing stream, access denied, the stream's KMS key
+denied or disabled, also as a per-entry error code) or `PoisonRecordError`
+(a record Kinesis refuses).
 """
 
 from __future__ import annotations
@@ -151,7 +152,6 @@ class KinesisPublisher:
         """Send the next records that may go (or wait until one may)."""
         with self._cond:
             now = self.clock()
-            self._expire(now)
             ready = self._ready(now)
             if not ready:
                 waits = [k.not_before - now for k in self._keys.values() if k.entries]
@@ -234,22 +234,27 @@ class KinesisPublisher:
             self._publishes.pop(publish, None)
 
     def _refused(self, entry: _Entry) -> None:
+        """A refused record waits for its key's backoff; past its publish's deadline (checked
+        only on a refusal, so a deadline of 0 means "give up at the first one") the publish
+        fails."""
         key = self._keys.get(entry.key)
-        if key is None:
+        publish = entry.publish
+        if key is None or publish is None:
             return
-        key.throttles += 1
-        delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (key.throttles - 1)))
-        key.not_before = self.clock() + delay
-
-    # --- failures -----------------------------------------------------------
-    def _expire(self, now: float) -> None:
-        for publish in [p for p in self._publishes if p.deadline <= now]:
-            unstored = sum(1 for entry in publish.entries if not entry.stored)
+        now = self.clock()
+        if publish.deadline <= now:
+            unstored = sum(1 for e in publish.entries if not e.stored)
             error = StoreUnavailable(
                 f"{unstored} records not accepted by stream {self.stream} "
                 f"within {self.deadline_s:.0f} s"
             )
-            self._fail(publish.entries[0], error)
+            self._fail(entry, error)
+            return
+        key.throttles += 1
+        delay = random.uniform(0, min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** (key.throttles - 1)))
+        key.not_before = now + delay
+
+    # --- failures -----------------------------------------------------------
 
     def _fail(self, entry: _Entry, error: CallstreamError) -> None:
         """End the publish of `entry` with `error`, and every publish queued behind it on one

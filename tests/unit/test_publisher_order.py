@@ -196,3 +196,15 @@ def test_a_throttled_request_is_retried_whole() -> None:
     KinesisPublisher(shard, "audio").put_raw(_items("a", 3))
     assert shard.of("a") == [data for _, data in _items("a", 3)]
     assert len(shard.requests) > 3
+
+
+def test_a_zero_deadline_gives_up_at_the_first_refusal_only() -> None:
+    shard = _Shard()
+    publisher = KinesisPublisher(shard, "audio", deadline_s=0)
+    publisher.put_raw(_items("a", 5))  # five rounds, none refused: stored
+    assert shard.of("a") == [data for _, data in _items("a", 5)]
+    refusals = iter([None, THROTTLED])
+    shard.refuse = lambda key, data: next(refusals, None)
+    with pytest.raises(StoreUnavailable, match="1 records not accepted"):
+        publisher.put_raw(_items("b", 2))
+    assert shard.of("b") == [b"b-0000"]
