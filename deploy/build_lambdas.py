@@ -69,7 +69,7 @@ class Function:
 FUNCTIONS = {
     f.name: f
     for f in (
-        Function("trigger", "services.ingest.handler.lambda_handler"),
+        Function("trigger", "services.ingest.lambda_function.lambda_handler"),
         Function("persister", "services.persister.lambda_function.lambda_handler", ("lambda",)),
         Function(
             "sentiment",

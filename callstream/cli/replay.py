@@ -95,7 +95,7 @@ def _wav_tracks(path: Path, agent_path: Path | None) -> tuple[bytes, bytes]:
 
 
 def _publish_trigger(contact_id: str, stream_arn: str, fragment: str) -> None:
-    from services.ingest.handler import lambda_handler
+    from services.ingest.lambda_function import lambda_handler
 
     answer = lambda_handler(
         {"streamARN": stream_arn, "startFragmentNum": fragment, "connectContactId": contact_id}

@@ -19,7 +19,7 @@ def register(commands: Any) -> None:
 
 
 def _trigger(args: argparse.Namespace) -> int:
-    from services.ingest.handler import lambda_handler
+    from services.ingest.lambda_function import lambda_handler
 
     text = Path(args.event[1:]).read_text() if args.event.startswith("@") else args.event
     try:

@@ -27,7 +27,7 @@ from callstream.local.emulator import CLEARED_ENV, Emulator
 from callstream.local.processes import REPO_ROOT, ServiceGroup
 from callstream.local.provision import provision
 from callstream.local.simulator import CallPlayer, read_wav_pcm
-from services.ingest.handler import lambda_handler
+from services.ingest.lambda_function import lambda_handler
 
 SAMPLE_DIR = REPO_ROOT / "samples" / "call"
 

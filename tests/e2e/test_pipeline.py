@@ -143,7 +143,7 @@ def test_a_stream_without_audio_tracks_ends_the_call_with_the_reason(
 ) -> None:
     from callstream.local.kvs_producer import put_media
     from callstream.local.simulator import ensure_kvs_stream
-    from services.ingest.handler import lambda_handler
+    from services.ingest.lambda_function import lambda_handler
 
     region = stack["APP_REGION"]
     arn = ensure_kvs_stream(region, "no-audio-stream")

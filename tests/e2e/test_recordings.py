@@ -37,7 +37,7 @@ from callstream.local.provision import provision
 from callstream.local.simulator import ensure_kvs_stream
 from callstream.mkv.writer import ConnectCallWriter
 from callstream.service import ensure_stream
-from services.ingest.handler import lambda_handler
+from services.ingest.lambda_function import lambda_handler
 from services.recorder.core import checksum_b64
 
 pytestmark = pytest.mark.integration

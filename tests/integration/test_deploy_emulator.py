@@ -27,7 +27,9 @@ def _deploy(session: Any, name: str, **extra: str) -> dict[str, str]:
     s3.create_bucket(Bucket=code_bucket)
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as zipped:
-        zipped.writestr("services/ingest/handler.py", "def lambda_handler(e, c):\n    return {}\n")
+        zipped.writestr(
+            "services/ingest/lambda_function.py", "def lambda_handler(e, c):\n    return {}\n"
+        )
     for key in ("trigger", "persister", "sentiment"):
         s3.put_object(Bucket=code_bucket, Key=f"callstream/{key}.zip", Body=archive.getvalue())
     ec2 = session.client("ec2")
@@ -68,7 +70,7 @@ def test_the_template_deploys_to_the_emulator_with_the_reference_tables(
     services = ecs.list_services(cluster=outputs["ClusterName"])["serviceArns"]
     assert len(services) == 4
     function = aws_session.client("lambda").get_function(FunctionName=outputs["TriggerFunctionArn"])
-    assert function["Configuration"]["Handler"] == "services.ingest.handler.lambda_handler"
+    assert function["Configuration"]["Handler"] == "services.ingest.lambda_function.lambda_handler"
 
 
 def test_with_lambda_consumers_the_persister_and_sentiment_are_functions_on_the_transcripts(

@@ -23,16 +23,16 @@ from typing import Any
 import pytest
 
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.config import IngestSettings
 from callstream.contract import default_contract
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, Event, Track
 from callstream.local.emulator import Emulator
 from callstream.local.kvs_producer import put_media
 from callstream.mkv.writer import ConnectCallWriter
 from callstream.progress import DynamoProgress
-from services.ingest.main import IngestHandler
+from services.ingest.handler import IngestHandler
 from services.ingest.media import KvsMedia
 from services.ingest.published import PublishedEvents
+from services.ingest.settings import IngestSettings
 from services.ingest.takeover import Outcome
 
 pytestmark = pytest.mark.integration

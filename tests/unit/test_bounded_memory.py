@@ -22,11 +22,11 @@ from test_ingest_session_scripted import ARN, CONTACT, fragments, pcm
 from test_transcriber_recovery import BurstEngine, Clock, chunks, speech
 
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
-from callstream.config import IngestSettings
 from callstream.events import CallEnded, CallStarted, EndReason, Event, Track
 from callstream.progress import MemoryProgress
 from callstream.runtime import ServiceLoop
-from services.ingest.main import IngestHandler
+from services.ingest.handler import IngestHandler
+from services.ingest.settings import IngestSettings
 from services.transcriber.handler import TranscriberHandler
 
 CALLS = 10_000

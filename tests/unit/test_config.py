@@ -8,11 +8,11 @@ import sys
 import pytest
 
 from callstream.config import (
-    IngestSettings,
     RecorderSettings,
     TranscriberSettings,
 )
 from callstream.errors import ConfigError
+from services.ingest.settings import IngestSettings
 from services.persister.settings import PersisterSettings
 
 

@@ -19,10 +19,10 @@ from typing import Any
 import pytest
 
 from callstream.config import (
-    IngestSettings,
     RecorderSettings,
     TranscriberSettings,
 )
+from services.ingest.settings import IngestSettings
 from services.persister.settings import PersisterSettings
 from services.sentiment.settings import SentimentSettings
 

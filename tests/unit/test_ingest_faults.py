@@ -37,10 +37,10 @@ from effect_faults import MODES, Crash, Faults, FaultySink, until_done
 from test_ingest_session_scripted import ARN, CONTACT, fragments, pcm
 
 from callstream.bus.ports import Record
-from callstream.config import IngestSettings
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, Event, Track
 from callstream.progress import Claim, MemoryProgress
-from services.ingest.main import IngestHandler
+from services.ingest.handler import IngestHandler
+from services.ingest.settings import IngestSettings
 
 LEASE_MS = 10_000
 SECONDS = 3.0  # three fragments of 1.024 s (the last one shorter)
@@ -204,7 +204,7 @@ def run_instance(world: World, faults: Faults) -> None:
 @pytest.fixture(autouse=True)
 def _no_backoff_wait(monkeypatch: pytest.MonkeyPatch) -> None:
     """A failed run of a call is run again at the next tick."""
-    monkeypatch.setattr("services.ingest.main.RETRY_MAX_S", 0.0)
+    monkeypatch.setattr("services.ingest.handler.RETRY_MAX_S", 0.0)
 
 
 def exactly_the_input(world: World) -> int:

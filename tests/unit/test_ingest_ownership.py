@@ -304,9 +304,9 @@ def test_a_state_refused_as_poison_ends_the_call_unreleased_and_it_is_read_back(
 
 def test_a_configuration_fault_of_a_call_run_stops_the_ingest_loop() -> None:
     from callstream.bus.ports import Record
-    from callstream.config import IngestSettings
     from callstream.errors import ConfigurationFault
-    from services.ingest.main import IngestHandler
+    from services.ingest.handler import IngestHandler
+    from services.ingest.settings import IngestSettings
 
     class Missing(MemoryProgress):
         def claim(self, contact_id: str, owner: str, lease_ms: int) -> Any:
