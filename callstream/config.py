@@ -207,28 +207,6 @@ def writer_pins(env: Env) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(pins.items()))
 
 
-@dataclass(frozen=True)
-class TranscriberSettings:
-    """The transcriber service: which speech engine, where."""
-
-    bus: BusSettings
-    engine: str
-    transcribe_region: str
-    default_language: str
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> TranscriberSettings:
-        """Validate the transcriber's environment."""
-        env = Env(environ)
-        bus = BusSettings.from_env(env)
-        return cls(
-            bus=bus,
-            engine=env.choice("CALLSTREAM_ASR_ENGINE", "offline", ("offline", "transcribe")),
-            transcribe_region=env.region("TRANSCRIBE_REGION", bus.region),
-            default_language=env.text("CALLSTREAM_DEFAULT_LANGUAGE", "en-US"),
-        )
-
-
 MIB = 1024 * 1024
 
 

@@ -2,7 +2,8 @@
 
 Read from `CALLSTREAM_TRANSCRIBE_*` variables once at start-up; a bad value is a
 `ConfigError` naming the variable. The shared settings (bus, engine choice,
-region, default language) stay in `callstream.config.TranscriberSettings`.
+region, default language) are `TranscriberSettings`; `check_engine_options` refuses
+options the chosen engine would ignore.
 
 `CALLSTREAM_TRANSCRIBE_CHANNEL_MODE` says how calls map to Amazon Transcribe
 streams: `per-track` (the default) opens one stream per track; `stereo` opens
@@ -15,12 +16,13 @@ audio then waits up to `CALLSTREAM_TRANSCRIBE_STEREO_MAX_LAG_MS` (default
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from callstream.config import Env
+from callstream.config import BusSettings, Env
 from callstream.errors import ConfigError
 from services.transcriber.recovery import RecoveryPolicy
 
@@ -28,6 +30,46 @@ P = "CALLSTREAM_TRANSCRIBE_"
 _PII_MODES = ("off", "identify", "redact")
 CHANNEL_MODES = ("per-track", "stereo")
 _MIN_REJOIN_WAIT_S = 30.0
+
+
+@dataclass(frozen=True)
+class TranscriberSettings:
+    """The transcriber service: which speech engine, where."""
+
+    bus: BusSettings
+    engine: str
+    transcribe_region: str
+    default_language: str
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TranscriberSettings:
+        """Validate the transcriber's environment."""
+        env = Env(environ)
+        bus = BusSettings.from_env(env)
+        return cls(
+            bus=bus,
+            engine=env.choice("CALLSTREAM_ASR_ENGINE", "offline", ("offline", "transcribe")),
+            transcribe_region=env.region("TRANSCRIBE_REGION", bus.region),
+            default_language=env.text("CALLSTREAM_DEFAULT_LANGUAGE", "en-US"),
+        )
+
+
+def check_engine_options(settings: TranscriberSettings, options: TranscribeOptions) -> None:
+    """Refuse options the chosen engine would silently ignore."""
+    if options.channel_mode == "stereo" and settings.engine != "transcribe":
+        raise ConfigError(
+            "CALLSTREAM_TRANSCRIBE_CHANNEL_MODE=stereo needs CALLSTREAM_ASR_ENGINE=transcribe, "
+            f"got {settings.engine!r}"
+        )
+
+
+def recovery_policy(settings: TranscriberSettings, options: TranscribeOptions) -> RecoveryPolicy:
+    """The options' recovery policy, with no idle limit for the offline engine."""
+    if settings.engine == "transcribe":
+        return options.policy
+    # No idle limit offline, and silence inserted mid-utterance would split it
+    # differently from a replay of the same audio.
+    return dataclasses.replace(options.policy, keepalive_after_s=None)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from callstream.events import (
     TranscriptSegmentProduced,
 )
 from callstream.local.transcribe import Fault, LocalTranscribeServer
-from services.transcriber.main import TranscriberHandler
+from services.transcriber.handler import TranscriberHandler
 from services.transcriber.recovery import RecoveryPolicy
 
 pytestmark = pytest.mark.integration

@@ -40,7 +40,7 @@ from callstream.events import (
     TranscriptSegmentProduced,
 )
 from callstream.local.transcribe import Fault, LocalTranscribeServer
-from services.transcriber.main import TranscriberHandler
+from services.transcriber.handler import TranscriberHandler
 
 pytestmark = pytest.mark.integration
 

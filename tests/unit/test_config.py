@@ -9,11 +9,11 @@ import pytest
 
 from callstream.config import (
     RecorderSettings,
-    TranscriberSettings,
 )
 from callstream.errors import ConfigError
 from services.ingest.settings import IngestSettings
 from services.persister.settings import PersisterSettings
+from services.transcriber.settings import TranscriberSettings
 
 
 def test_reference_variables_keep_their_meaning() -> None:

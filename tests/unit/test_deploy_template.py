@@ -20,11 +20,11 @@ import pytest
 
 from callstream.config import (
     RecorderSettings,
-    TranscriberSettings,
 )
 from services.ingest.settings import IngestSettings
 from services.persister.settings import PersisterSettings
 from services.sentiment.settings import SentimentSettings
+from services.transcriber.settings import TranscriberSettings
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "deploy" / "callstream.yaml"
 # Actions AWS offers no resource-level permissions for.

@@ -34,8 +34,8 @@ def test_stereo_channel_mode_and_its_tuning_reach_the_stereo_engine() -> None:
 def test_make_engine_wraps_transcribe_in_the_stereo_engine_only_in_stereo_mode() -> None:
     from callstream.asr.transcribe.engine import TranscribeEngine
     from callstream.asr.transcribe.stereo import StereoTranscribeEngine
-    from callstream.config import TranscriberSettings
-    from services.transcriber.main import make_engine
+    from services.transcriber.adapters import make_engine
+    from services.transcriber.settings import TranscriberSettings
 
     settings = TranscriberSettings.from_env({"CALLSTREAM_ASR_ENGINE": "transcribe"})
     for mode, kind in (("stereo", StereoTranscribeEngine), ("per-track", TranscribeEngine)):
@@ -103,8 +103,7 @@ def test_a_bad_value_is_refused_naming_the_variable(env: dict[str, str], named: 
 
 
 def test_stereo_with_the_offline_engine_is_refused_at_start_up() -> None:
-    from callstream.config import TranscriberSettings
-    from services.transcriber.main import check_engine_options
+    from services.transcriber.settings import TranscriberSettings, check_engine_options
 
     options = TranscribeOptions.from_env({"CALLSTREAM_TRANSCRIBE_CHANNEL_MODE": "stereo"})
     offline = TranscriberSettings.from_env({"CALLSTREAM_ASR_ENGINE": "offline"})
