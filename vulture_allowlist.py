@@ -45,9 +45,6 @@ ChecksumType
 acl
 s3_patched
 fresh_default_contract
-# DEAD CODE, known (#15): the services restructure deletes these; then delete the lines.
-_.SUPPORTED_LANGUAGES  # services/ingest/trigger.py: its checks hard-code the same values
-_.is_live  # callstream/local/kvs_store.py FragmentStore.is_live
 # In another engineer's uncommitted recorder work at the time of writing: check once it lands.
 _.durable_sequences  # services/recorder/core.py
 _.records_extra  # services/recorder/handler.py

@@ -212,11 +212,6 @@ class FragmentStore:
                     return fragment.number
             return 0
 
-    def is_live(self, stream_arn: str) -> bool:
-        """Whether a producer is connected to the stream right now."""
-        with self._lock:
-            return self._stream(stream_arn).producers > 0
-
     def wait_next(self, stream_arn: str, after: int, idle_timeout: float) -> LiveFragment | None:
         """The first fragment (open or complete) numbered above `after`, waiting while live.
 

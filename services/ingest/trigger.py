@@ -135,7 +135,7 @@ def _flag(value: Any, default: bool) -> bool:
 
 def _language(value: Any) -> str:
     # The reference: the languageCode attribute picks es-US, anything else is en-US.
-    return "es-US" if value == "es-US" else "en-US"
+    return value if value in SUPPORTED_LANGUAGES else SUPPORTED_LANGUAGES[0]
 
 
 def _instance_of(instance_arn: Any) -> str | None:
