@@ -89,6 +89,9 @@ def chaos_env(emulator_env: dict[str, str], workdir: Path, prefix: str) -> dict[
         **emulator_env,
         "RECORDINGS_BUCKET_NAME": f"{prefix}-recordings",
         "RECORDINGS_KEY_PREFIX": "recordings/",
+        # One WAV per track, compared byte for byte with each track's PCM (the stereo
+        # recording is checked sample for sample in tests/e2e/test_recordings.py).
+        "RECORDINGS_FORMAT": "per-track",
         "CALLSTREAM_SPOOL_DIR": str(workdir / "spool"),
         "CALLSTREAM_POLL_INTERVAL_MS": "100",
         "CALLSTREAM_LEASE_MS": "3000",
