@@ -42,6 +42,7 @@ without audio stores nothing (`skipped` says why).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import struct
 from collections import deque
 from dataclasses import dataclass, field
@@ -789,6 +790,7 @@ class CallRecording:
         done = self.done
         return {
             "format": STATE_FORMAT,
+            "part_bytes": self.plan.part_bytes,  # parts already numbered by it
             "done": done,
             "version": 2 * self.changes + int(done),  # grows with every save worth making
             "changes": self.changes,
@@ -808,6 +810,8 @@ class CallRecording:
         """A call continued from `progress()`: chunks after the durable ones come again."""
         if state.get("format") != STATE_FORMAT:
             raise ValueError(f"progress format {state.get('format')} is not {STATE_FORMAT}")
+        # A call goes on in the part size it started with, whatever the setting is now.
+        plan = dataclasses.replace(plan, part_bytes=state["part_bytes"])
         call = cls(contact_id, plan.key_prefix, plan)
         call.stamp_ms, call.origin_ms = state["stamp_ms"], state["origin_ms"]
         call.changes = state["changes"]

@@ -470,7 +470,7 @@ class RecorderHandler:
             return self._part(step.key, step.upload_id, step.number, body)
         if isinstance(step, UploadFirstPart):
             body = step.header + self.store.read_head(step.head_key, step.head_version)
-            if len(body) != self.settings.part_bytes:
+            if len(body) != len(step.header) + self._first_pcm(contact_id):
                 raise UploadGone(f"head {step.head_key} holds {len(body) - 44} bytes, not ours")
             return self._part(step.key, step.upload_id, 1, body)
         if isinstance(step, CompleteUpload):
@@ -493,6 +493,13 @@ class RecorderHandler:
         elif isinstance(step, Announce) and self.sink is not None:
             self.sink.publish([step.event])
         return Result()
+
+    def _first_pcm(self, contact_id: str) -> int:
+        """PCM bytes a head holds: the call's part size (restored ones keep theirs), less
+        the header's 44."""
+        call = self.calls.get(contact_id)
+        part_bytes = call.plan.part_bytes if call is not None else self.settings.part_bytes
+        return part_bytes - 44
 
     def _part(self, key: str, upload_id: str, number: int, body: bytes) -> Result:
         crc = zlib.crc32(body)
