@@ -196,6 +196,39 @@ def test_a_long_call_is_streamed_in_5_mib_parts_and_stored_whole(stack: dict[str
     assert not [u for u in uploads if contact in u["Key"]]
 
 
+def test_the_live_view_lists_recordings_as_they_are_announced(stack: dict[str, str]) -> None:
+    import threading
+
+    from services.liveview.adapters import CallStreams, RecordingObjects
+    from services.liveview.handler import LiveView
+    from services.liveview.settings import LiveViewSettings
+
+    settings = LiveViewSettings.from_env({**stack, "CALLSTREAM_LIVEVIEW_PORT": "0"})
+    region = stack["APP_REGION"]
+    view = LiveView(
+        CallStreams(aws.client("kinesis", region), settings),
+        RecordingObjects(aws.client("s3", region)),
+    )
+    stop = threading.Event()
+    follower = threading.Thread(target=view.follow, args=(stop,), daemon=True)
+    follower.start()
+    try:
+        contact, _ = play(stack, noise(3, 5), noise(3, 6))
+        deadline = time.monotonic() + 60
+        recordings: dict[str, str] = {}
+        while time.monotonic() < deadline and len(recordings) < 3:
+            cards = [c for c in view.board.snapshot()["calls"] if c["contact_id"] == contact]
+            recordings = cards[0]["recordings"] if cards else {}
+            time.sleep(0.2)
+        assert set(recordings) == {"customer / agent", "customer", "agent"}, recordings
+        served = view.recording(recordings["customer / agent"])
+        assert served is not None and served[:4] == b"RIFF"
+        assert view.recording("recordings/not-on-the-board.wav") is None
+    finally:
+        stop.set()
+        follower.join(10)
+
+
 def test_a_stream_without_audio_stores_nothing(stack: dict[str, str]) -> None:
     from test_pipeline import _first_fragment, _video_only_mkv
 
