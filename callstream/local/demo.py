@@ -102,10 +102,13 @@ def watch_call(
     contact_id: str,
     timeout_s: float,
     on_segment: Callable[[TranscriptSegmentProduced], None] = lambda s: None,
-    expect_recordings: int = 2,
+    expect_recordings: int | None = None,
 ) -> CallOutcome:
-    """Follow the transcripts stream until the call ended and its WAVs are stored."""
+    """Follow the transcripts stream until the call ended and its WAVs are stored
+    (as many as `RECORDINGS_FORMAT` makes, unless `expect_recordings` says)."""
     bus = BusSettings.from_env(Env(env))
+    if expect_recordings is None:
+        expect_recordings = recordings_per_call(env)
     tail = StreamTail(aws.client("kinesis", bus.region), bus.transcripts_stream)
     outcome = CallOutcome(contact_id)
     deadline = time.monotonic() + timeout_s
@@ -125,6 +128,12 @@ def watch_call(
         time.sleep(0.2)
     outcome.rows = read_rows(env, contact_id)
     return outcome
+
+
+def recordings_per_call(env: dict[str, str]) -> int:
+    """WAVs a call leaves: one stereo, one per track, or both (`RECORDINGS_FORMAT`)."""
+    formats = Env(env).text("RECORDINGS_FORMAT", "stereo")
+    return {"stereo": 1, "per-track": 2, "both": 3}.get(formats, 1)
 
 
 def list_recordings(env: dict[str, str], contact_id: str) -> list[str]:
@@ -202,10 +211,10 @@ def run_demo(
             outcome = watch_call(env, contact_id, timeout_s=180, on_segment=print_segment(out))
         finally:
             group.stop()
-        return _report(outcome, names, out)
+        return _report(outcome, names, out, recordings_per_call(env))
 
 
-def _report(outcome: CallOutcome, names: dict[str, str], out: TextIO) -> int:
+def _report(outcome: CallOutcome, names: dict[str, str], out: TextIO, recordings: int) -> int:
     out.write(f"\ncall ended: {outcome.ended.reason.value if outcome.ended else 'NOT SEEN'}\n")
     for table, rows in outcome.rows.items():
         out.write(f"\nDynamoDB {table}: {len(rows)} rows\n")
@@ -214,6 +223,10 @@ def _report(outcome: CallOutcome, names: dict[str, str], out: TextIO) -> int:
     out.write(f"\nS3 s3://{names['bucket']}/:\n")
     for key in outcome.recordings:
         out.write(f"  {key}\n")
-    ok = outcome.ended is not None and len(outcome.recordings) == 2 and any(outcome.rows.values())
+    ok = (
+        outcome.ended is not None
+        and len(outcome.recordings) == recordings
+        and any(outcome.rows.values())
+    )
     out.write("\ndemo " + ("finished" if ok else "FAILED: see the service logs") + "\n")
     return 0 if ok else 1

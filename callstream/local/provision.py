@@ -11,7 +11,7 @@ import contextlib
 from collections.abc import Mapping
 
 from callstream import aws
-from callstream.config import BusSettings, Env
+from callstream.config import BusSettings, Env, recordings_stream
 from callstream.service import ensure_stream
 from services.persister.adapters import ensure_tables
 from services.persister.settings import PersisterSettings
@@ -31,6 +31,7 @@ def provision(environ: Mapping[str, str], audio_shards: int = 2) -> dict[str, st
         (bus.audio_stream, audio_shards),
         (bus.transcripts_stream, audio_shards),
         (bus.deadletter_stream, 1),
+        (recordings_stream(env), 1),
     ):
         ensure_stream(kinesis, stream, shards)
     ensure_tables(
@@ -44,6 +45,7 @@ def provision(environ: Mapping[str, str], audio_shards: int = 2) -> dict[str, st
         "audio_stream": bus.audio_stream,
         "transcripts_stream": bus.transcripts_stream,
         "deadletter_stream": bus.deadletter_stream,
+        "recordings_stream": recordings_stream(env),
         "customer_table": persister.customer_table,
         "agent_table": persister.agent_table,
         "bucket": bucket,

@@ -99,6 +99,7 @@ def chaos_env(emulator_env: dict[str, str], workdir: Path, prefix: str) -> dict[
         "CALLSTREAM_AUDIO_STREAM": f"{prefix}-audio",
         "CALLSTREAM_TRANSCRIPTS_STREAM": f"{prefix}-transcripts",
         "CALLSTREAM_DEADLETTER_STREAM": f"{prefix}-deadletters",
+        "CALLSTREAM_RECORDINGS_STREAM": f"{prefix}-recordings",
         "CALLSTREAM_LEASE_TABLE": f"{prefix}-leases",
         "CALLSTREAM_PROGRESS_TABLE": f"{prefix}-progress",
         "TABLE_CALLER_TRANSCRIPT": f"{prefix}-customer",

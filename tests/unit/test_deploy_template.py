@@ -138,7 +138,13 @@ def test_recordings_bucket_is_private_and_encrypted(template: dict[str, Any]) ->
 
 def test_streams_are_on_demand_or_provisioned_by_parameter(template: dict[str, Any]) -> None:
     streams = _resources(template, "AWS::Kinesis::Stream")
-    assert set(streams) == {"CallsStream", "AudioStream", "TranscriptsStream", "DeadLetterStream"}
+    assert set(streams) == {
+        "CallsStream",
+        "AudioStream",
+        "TranscriptsStream",
+        "DeadLetterStream",
+        "RecordingsStream",
+    }
     for stream in streams.values():
         props = stream["Properties"]
         assert props["StreamModeDetails"]["StreamMode"] == {"Ref": "StreamMode"}
@@ -204,7 +210,19 @@ def test_task_roles_grant_only_what_each_service_calls(template: dict[str, Any])
             "kinesis:DescribeStreamConsumer",
             "kinesis:SubscribeToShard",
         },
-        "RecorderTaskRole": read | {"s3:PutObject", "s3:AbortMultipartUpload"},
+        "RecorderTaskRole": read
+        | {
+            "dynamodb:GetItem",  # its progress: the upload id and stored parts
+            "kms:Decrypt",  # SSE-KMS multipart uploads need both
+            "kms:GenerateDataKey",
+            "s3:AbortMultipartUpload",
+            "s3:DeleteObject",  # the part-1 side object, once the recording is complete
+            "s3:DeleteObjectVersion",
+            "s3:GetObject",
+            "s3:ListBucketMultipartUploads",  # abandoned uploads of a call, to abort
+            "s3:PutObject",
+            "s3:PutObjectTagging",
+        },
         "PersisterTaskRole": read | {"dynamodb:BatchWriteItem"},
         "SentimentTaskRole": read | {"comprehend:DetectSentiment"},
     }
@@ -268,7 +286,11 @@ def _container_env(template: dict[str, Any], name: str) -> dict[str, str]:
 def test_every_task_environment_is_valid_for_its_service(template: dict[str, Any]) -> None:
     fake = {"CALLSTREAM_TRANSCRIPT_TTL_DAYS": "7"}
     fake |= {"CALLSTREAM_ASR_ENGINE": "transcribe", "SAVE_PARTIAL_TRANSCRIPTS": "FALSE"}
-    fake |= {"CALLSTREAM_SENTIMENT_ENGINE": "comprehend"}
+    fake |= {"CALLSTREAM_SENTIMENT_ENGINE": "comprehend", "RECORDINGS_FORMAT": "stereo"}
+    fake |= {
+        "RECORDINGS_KMS_KEY_ID": "arn:aws:kms:us-east-1:123456789012:key/"
+        "1234abcd-12ab-34cd-56ef-1234567890ab"
+    }
     factories = {
         "Ingest": IngestSettings.from_env,
         "Transcriber": TranscriberSettings.from_env,
