@@ -1,6 +1,6 @@
 """Build each Lambda function's zip from the package itself, never from a hand-kept list.
 
-    python deploy/build_lambdas.py [--out build/] [--python 3.13] [trigger persister sentiment]
+    python deploy/build_lambdas.py [--out build/] [--python 3.11] [trigger persister sentiment]
 
 For a function, the zip holds:
 - the project's modules its handler module imports (its import closure, found by
@@ -213,7 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(FUNCTIONS)}")
     parser.add_argument("--out", type=Path, default=REPO / "build")
-    parser.add_argument("--python", default="3.13", help="the Lambda runtime's Python version")
+    parser.add_argument("--python", default="3.11", help="the Lambda runtime's Python version")
     args = parser.parse_args()
     unknown = set(args.names) - set(FUNCTIONS)
     if unknown:
