@@ -45,12 +45,10 @@ from aws_lambda_powertools.utilities.data_classes.kinesis_stream_event import (
     KinesisStreamRecord,
 )
 
-from callstream.bus.leases import now_ms
 from callstream.bus.ports import RawSink, Record
 from callstream.contract import Contract, default_contract
 from callstream.errors import ConfigurationFault, PoisonRecordError, RetryableError
-from callstream.events import DeadLetter
-from callstream.runtime import Flushing, Handler, Rejecting
+from callstream.runtime import Flushing, Handler, Rejecting, dead_letter
 
 log = logging.getLogger(__name__)
 
@@ -80,30 +78,7 @@ class KinesisBatchConsumer:
 
     def dead_letter(self, record: Record, reason: str, error_type: str) -> None:
         """Send a record's bytes and the reason to the dead-letter stream."""
-        letter = DeadLetter(
-            service=self.service,
-            source_stream=record.stream,
-            shard_id=record.shard_id,
-            sequence_number=record.sequence_number,
-            partition_key=record.partition_key,
-            reason=reason,
-            error_type=error_type,
-            failed_at_ms=now_ms(),
-            data=bytes(record.data),
-        )
-        log.error(
-            "dead-lettered record %s: %s",
-            record.sequence_number,
-            reason,
-            extra={"shard_id": record.shard_id, "stream": record.stream},
-        )
-        try:
-            self.deadletters.put_raw([(record.partition_key, self.contract.encode(letter))])
-        except PoisonRecordError as e:  # neither processable nor storable: an operator decides
-            raise ConfigurationFault(
-                f"dead letter of {record.stream}/{record.shard_id}/{record.sequence_number} "
-                f"refused by {self.deadletters.stream}: {e.reason}"
-            ) from e
+        dead_letter(self.deadletters, self.contract, self.service, record, reason, error_type)
 
 
 def to_record(record: KinesisStreamRecord) -> Record:

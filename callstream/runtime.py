@@ -345,30 +345,43 @@ class ServiceLoop:
     def _dead_letter(self, record: Record, reason: str, error_type: str) -> None:
         self.metrics.count(DEAD_LETTERS)
         self.metrics.count(ERRORS, type=error_type)
-        letter = DeadLetter(
-            service=self.service,
-            source_stream=record.stream,
-            shard_id=record.shard_id,
-            sequence_number=record.sequence_number,
-            partition_key=record.partition_key,
-            reason=reason,
-            error_type=error_type,
-            failed_at_ms=now_ms(),
-            data=bytes(record.data),
-        )
-        log.error(
-            "dead-lettered record %s: %s",
-            record.sequence_number,
-            reason,
-            extra={"shard_id": record.shard_id, "stream": record.stream},
-        )
-        try:
-            self.deadletters.put_raw([(record.partition_key, self.contract.encode(letter))])
-        except PoisonRecordError as e:  # neither processable nor storable: an operator decides
-            raise ConfigurationFault(
-                f"dead letter of {record.stream}/{record.shard_id}/{record.sequence_number} "
-                f"refused by {self.deadletters.stream}: {e.reason}"
-            ) from e
+        dead_letter(self.deadletters, self.contract, self.service, record, reason, error_type)
+
+
+def dead_letter(
+    sink: RawSink,
+    contract: Contract,
+    service: str,
+    record: Record,
+    reason: str,
+    error_type: str,
+) -> None:
+    """Send a record's bytes and the reason to the dead-letter stream, or stop the service
+    (`ConfigurationFault`) if the dead-letter stream refuses it too."""
+    letter = DeadLetter(
+        service=service,
+        source_stream=record.stream,
+        shard_id=record.shard_id,
+        sequence_number=record.sequence_number,
+        partition_key=record.partition_key,
+        reason=reason,
+        error_type=error_type,
+        failed_at_ms=now_ms(),
+        data=bytes(record.data),
+    )
+    log.error(
+        "dead-lettered record %s: %s",
+        record.sequence_number,
+        reason,
+        extra={"shard_id": record.shard_id, "stream": record.stream},
+    )
+    try:
+        sink.put_raw([(record.partition_key, contract.encode(letter))])
+    except PoisonRecordError as e:  # neither processable nor storable: an operator decides
+        raise ConfigurationFault(
+            f"dead letter of {record.stream}/{record.shard_id}/{record.sequence_number} "
+            f"refused by {sink.stream}: {e.reason}"
+        ) from e
 
 
 class _ShardPaused(Exception):
