@@ -6,10 +6,11 @@ real time, 2 audio shards, the offline engine on 2 and 1 of them):
 
 - the reference: the transcribed calls played alone through the four
   services in *polling* mode (their own streams and tables), for their rows;
-- a round of 10 calls (2 transcribed) through the four services in
-  *enhanced fan-out* mode (`CALLSTREAM_READ_MODE=efo` for every service)
-  while two extra consumer groups (in-test leased sources from
-  `record_source`, fan-out too) read the audio stream: four groups. Every
+- for each read mode, *enhanced fan-out* (`CALLSTREAM_READ_MODE=efo` for
+  every service) and *polling* (paced for four groups), a round of 10
+  calls (2 transcribed) through the four services while two extra consumer
+  groups (in-test leased sources from `record_source`, in the same mode)
+  read the audio stream: four groups. Every
   WAV (per track) carries exactly the PCM put into KVS, the transcribed
   calls' rows equal the polling run's, no dead letter; each extra group saw
   every (contact, track, sequence) of the round and its checkpoint reaches
@@ -18,7 +19,7 @@ real time, 2 audio shards, the offline engine on 2 and 1 of them):
   added: the others' outputs are as before, and the fifth, started from the
   stream's start, catches up to its end.
 
-About 2-3 minutes on 2 cores.
+About a minute on 2 cores.
 """
 
 from __future__ import annotations
@@ -207,12 +208,24 @@ def _all_calls(prefix: str) -> list[CallSpec]:
     return first + second
 
 
-@pytest.fixture(scope="module")
-def efo_stack(
-    emulator: Any, tmp_path_factory: pytest.TempPathFactory, polling_rows: dict[str, Any]
+MODES = {
+    "efo": {"CALLSTREAM_READ_MODE": "efo"},
+    # Every polling group paces itself for four readers of a shard (the fifth, added
+    # later, makes the shard throttle now and then: the readers back off).
+    "polling": {"CALLSTREAM_READ_MODE": "polling", "CALLSTREAM_POLL_GROUPS": "4"},
+}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def read_stack(
+    request: pytest.FixtureRequest,
+    emulator: Any,
+    tmp_path_factory: pytest.TempPathFactory,
+    polling_rows: dict[str, Any],
 ) -> Iterator[dict[str, str]]:
-    workdir = tmp_path_factory.mktemp("efo")
-    env = {**chaos_env(emulator.env(), workdir, "rmefo"), "CALLSTREAM_READ_MODE": "efo"}
+    mode = request.param
+    workdir = tmp_path_factory.mktemp(mode)
+    env = {**chaos_env(emulator.env(), workdir, f"rm{mode}"), **MODES[mode], "MODE": mode}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in env.items():
             patch.setenv(name, value)
@@ -237,11 +250,11 @@ def _dead_letters(env: dict[str, str]) -> list[str]:
     ]
 
 
-def test_fan_out_with_four_groups_on_the_audio_stream_gives_the_polling_runs_outputs(
-    efo_stack: dict[str, str], polling_rows: dict[str, Any]
+def test_four_groups_on_the_audio_stream_give_the_reference_outputs(
+    read_stack: dict[str, str], polling_rows: dict[str, Any]
 ) -> None:
-    env = efo_stack
-    calls = _all_calls("efo")[:10]
+    env = read_stack
+    calls = _all_calls(env["MODE"])[:10]
     want = _want(calls, polling_rows)
     extras = [ExtraConsumer(env, name).start() for name in ("extra-a", "extra-b")]
     try:
@@ -262,10 +275,10 @@ def test_fan_out_with_four_groups_on_the_audio_stream_gives_the_polling_runs_out
 
 
 def test_a_fifth_group_added_mid_round_changes_no_other_output(
-    efo_stack: dict[str, str], polling_rows: dict[str, Any]
+    read_stack: dict[str, str], polling_rows: dict[str, Any]
 ) -> None:
-    env = efo_stack
-    calls = _all_calls("efo")[10:]
+    env = read_stack
+    calls = _all_calls(env["MODE"])[10:]
     want = _want(calls, polling_rows)
     extras = [ExtraConsumer(env, name).start() for name in ("extra-a", "extra-b")]
     fifth: list[ExtraConsumer] = []
