@@ -7,7 +7,8 @@ both tracks without duplicates and their text matches the reference within
 the offline engine's error rate, and a call with transcription off yields
 WAVs and no rows. Bad input: an undecodable record reaches the dead-letter
 stream with its bytes and reason; a stream with no audio track ends its call
-with NO_AUDIO_TRACK.
+with NO_AUDIO_TRACK. All of it twice, with Kinesis's quotas on: once with
+every service polling, once with every service on enhanced fan-out.
 """
 
 from __future__ import annotations
@@ -45,12 +46,16 @@ SPEED = 4.0
 MAX_WER = 0.15
 
 
-@pytest.fixture(scope="module")
-def stack(emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    workdir = tmp_path_factory.mktemp("stack")
+@pytest.fixture(scope="module", params=["polling", "efo"])
+def stack(
+    request: pytest.FixtureRequest, emulator: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """The four services in one read mode (the Kinesis quotas are on, as everywhere)."""
+    workdir = tmp_path_factory.mktemp(f"stack-{request.param}")
     # One WAV per track, as the reference wrote them (the stereo default is checked
     # in tests/e2e/test_recordings.py).
     env = {**local_env(emulator, workdir), "RECORDINGS_FORMAT": "per-track"}
+    env["CALLSTREAM_READ_MODE"] = request.param
     adopt_env(env)
     provision(env)
     group = ServiceGroup(env, workdir / "logs")
