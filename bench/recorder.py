@@ -50,7 +50,6 @@ from callstream import aws  # noqa: E402
 from callstream.bus.kinesis import KinesisPublisher  # noqa: E402
 from callstream.bus.memory import MemoryPublisher, MemoryStream  # noqa: E402
 from callstream.bus.ports import Record  # noqa: E402
-from callstream.config import RecorderSettings  # noqa: E402
 from callstream.contract import default_contract  # noqa: E402
 from callstream.events import (  # noqa: E402
     AudioChunkCaptured,
@@ -64,6 +63,7 @@ from callstream.progress import DynamoProgress  # noqa: E402
 from callstream.runtime import ServiceLoop  # noqa: E402
 from callstream.service import ensure_stream  # noqa: E402
 from services.recorder.handler import RecorderHandler  # noqa: E402
+from services.recorder.settings import RecorderSettings  # noqa: E402
 
 CHUNK = 2048  # 128 ms of one track
 T0 = 1_700_000_000_000

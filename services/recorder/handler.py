@@ -50,7 +50,6 @@ from typing import Any
 
 from callstream.bus.ports import EventSink, Record
 from callstream.clock import backoff_delays
-from callstream.config import RecorderSettings
 from callstream.errors import PoisonRecordError, RetryableError
 from callstream.events import AudioChunkCaptured, CallEnded, Event, Track
 from callstream.metrics import Metrics
@@ -76,6 +75,7 @@ from services.recorder.core import (
     interleave,
     recording_key,
 )
+from services.recorder.settings import RecorderSettings
 from services.recorder.spool import Spool
 
 log = logging.getLogger(__name__)

@@ -18,11 +18,11 @@ import os
 from callstream import aws
 from callstream import log as logsetup
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.config import RecorderSettings
 from callstream.metrics import Metrics, start_observability
 from callstream.progress import DynamoProgress
 from callstream.service import ensure_stream, load_settings, run_service
 from services.recorder.handler import RecorderHandler
+from services.recorder.settings import RecorderSettings
 
 __all__ = ["RecorderHandler", "main"]
 

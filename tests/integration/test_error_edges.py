@@ -171,8 +171,8 @@ def test_a_row_over_400_kb_dead_letters_its_record_and_the_next_rows_are_stored(
 def test_a_recorder_whose_bucket_is_missing_stops_the_loop(
     aws_session: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    from callstream.config import RecorderSettings
     from services.recorder.main import RecorderHandler
+    from services.recorder.settings import RecorderSettings
 
     monkeypatch.setenv("RECORDINGS_BUCKET_NAME", _name("no-such-bucket"))
     monkeypatch.setenv("CALLSTREAM_SPOOL_DIR", str(tmp_path))

@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
-from callstream.config import RecorderSettings
 from callstream.contract import default_contract
 from callstream.errors import ConfigurationFault
 from callstream.events import (
@@ -39,6 +38,7 @@ from callstream.progress import MemoryProgress
 from callstream.runtime import ServiceLoop
 from services.recorder.core import checksum_b64
 from services.recorder.handler import RecorderHandler
+from services.recorder.settings import RecorderSettings
 
 pytestmark = pytest.mark.integration
 CHUNK = 2048

@@ -31,7 +31,6 @@ import pytest
 from callstream import aws
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
 from callstream.bus.ports import Record
-from callstream.config import RecorderSettings
 from callstream.contract import default_contract
 from callstream.events import (
     AudioChunkCaptured,
@@ -47,6 +46,7 @@ from callstream.progress import DynamoProgress
 from callstream.runtime import ServiceLoop
 from services.recorder.core import checksum_b64
 from services.recorder.handler import RecorderHandler
+from services.recorder.settings import RecorderSettings
 
 pytestmark = pytest.mark.integration
 CHUNK = 2048  # 128 ms

@@ -7,12 +7,10 @@ import sys
 
 import pytest
 
-from callstream.config import (
-    RecorderSettings,
-)
 from callstream.errors import ConfigError
 from services.ingest.settings import IngestSettings
 from services.persister.settings import PersisterSettings
+from services.recorder.settings import RecorderSettings
 from services.transcriber.settings import TranscriberSettings
 
 

@@ -18,11 +18,9 @@ from typing import Any
 
 import pytest
 
-from callstream.config import (
-    RecorderSettings,
-)
 from services.ingest.settings import IngestSettings
 from services.persister.settings import PersisterSettings
+from services.recorder.settings import RecorderSettings
 from services.sentiment.settings import SentimentSettings
 from services.transcriber.settings import TranscriberSettings
 

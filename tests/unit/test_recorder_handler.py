@@ -24,7 +24,7 @@ from test_recorder_s3_double import S3Double
 
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
 from callstream.bus.ports import Record
-from callstream.config import BusSettings, Env, RecorderSettings
+from callstream.config import BusSettings, Env
 from callstream.contract import default_contract
 from callstream.errors import ConfigurationFault
 from callstream.events import (
@@ -41,6 +41,7 @@ from callstream.progress import MemoryProgress
 from callstream.runtime import ServiceLoop
 from services.recorder.core import checksum_b64
 from services.recorder.handler import RECORDINGS_SKIPPED, RecorderHandler
+from services.recorder.settings import RecorderSettings
 
 BUCKET = "recordings"
 PART = 64 * 1024  # 2 s of stereo: the double's part floor is lowered to it

@@ -16,13 +16,14 @@ import pytest
 from callstream import contract as contract_module
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
 from callstream.bus.ports import Record
-from callstream.config import WRITER_SCHEMAS, BusSettings, Env, RecorderSettings
+from callstream.config import WRITER_SCHEMAS, BusSettings, Env
 from callstream.contract import SCHEMAS_DIR, Contract, default_contract
 from callstream.errors import ConfigError, RetryableError, UnknownWriterSchema
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, EndReason, Event, Track
 from callstream.metrics import DEAD_LETTERS, ERRORS, SHARDS_PAUSED, Metrics
 from callstream.runtime import ServiceLoop, ShardPauses
 from callstream.service import load_settings
+from services.recorder.settings import RecorderSettings
 
 NEW = Contract()
 SHARDS = 2
