@@ -13,29 +13,15 @@ from the progress table.
 
 from __future__ import annotations
 
-import os
-
 from callstream import aws
 from callstream import log as logsetup
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.metrics import Metrics, start_observability
 from callstream.progress import DynamoProgress
 from callstream.service import ensure_stream, load_settings, run_service
-from services.recorder.handler import RecorderHandler
+from services.recorder.handler import RecorderHandler, handler_metrics
 from services.recorder.settings import RecorderSettings
 
 __all__ = ["RecorderHandler", "main"]
-
-
-def handler_metrics() -> Metrics:
-    """The recorder's own counters (stored, skipped, failed, parts).
-
-    `run_service` keeps its metrics to itself, so these are a second set: in
-    EMF mode (on AWS) they are flushed as their own lines under the same
-    namespace and Service; without the health port, which the loop's set serves.
-    """
-    environ = {k: v for k, v in os.environ.items() if k != "CALLSTREAM_HEALTH_PORT"}
-    return start_observability("recorder", environ=environ)
 
 
 def main() -> None:
