@@ -31,11 +31,11 @@ from typing import Any
 import ebmlite
 import numpy as np
 
+from callstream.audio import SAMPLE_RATE
 from callstream.mkv.events import FrameRead
 from callstream.mkv.reader import MkvStreamReader
 from callstream.mkv.writer import ConnectCallWriter, write_connect_call
 
-SAMPLE_RATE = 8000
 CHUNK = 64 * 1024
 CONTACT_ID = "87718f4a-d2ed-476a-ad11-f496ab09b3f8"
 

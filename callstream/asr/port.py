@@ -20,9 +20,6 @@ from typing import Protocol
 
 from callstream.errors import CallstreamError, RetryableError
 
-SAMPLE_RATE = 8000
-BYTES_PER_SAMPLE = 2
-
 
 @dataclass(frozen=True)
 class Word:

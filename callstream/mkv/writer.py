@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE
 from callstream.mkv.ebml import (
     CLUSTER,
     CODEC_ID,
@@ -45,8 +46,6 @@ from callstream.mkv.ebml import (
 
 AUDIO_TO_CUSTOMER = "AUDIO_TO_CUSTOMER"
 AUDIO_FROM_CUSTOMER = "AUDIO_FROM_CUSTOMER"
-SAMPLE_RATE = 8000
-BYTES_PER_SAMPLE = 2
 KVS_APP = "Kinesis Video SDK 1.1.0 JNI 2.0"
 KVS_TITLE = "Kinesis Video SDK"
 # Connect labels the PCM tracks A_AAC; its 2-byte CodecPrivate is the AAC

@@ -38,6 +38,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from callstream.audio import BYTES_PER_MS
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,
@@ -57,8 +58,6 @@ from callstream.mkv.events import (
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 8000
-BYTES_PER_MS = SAMPLE_RATE * 2 // 1000
 TRACK_NAMES = {
     "AUDIO_FROM_CUSTOMER": Track.FROM_CUSTOMER,
     "AUDIO_TO_CUSTOMER": Track.TO_CUSTOMER,

@@ -13,9 +13,9 @@ from __future__ import annotations
 import struct
 from array import array
 
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE
 from callstream.errors import MediaStreamError
 
-SAMPLE_RATE = 8000
 _HEADER_LIMIT = 64 * 1024  # a WAV whose data chunk starts later is refused
 
 
@@ -74,7 +74,12 @@ class PcmFileReader:
         if fmt is None:
             raise MediaStreamError("WAV file has no fmt chunk before its data")
         codec, channels, rate, _, _, bits = fmt
-        if codec not in (1, 0xFFFE) or bits != 16 or rate != SAMPLE_RATE or channels not in (1, 2):
+        if (
+            codec not in (1, 0xFFFE)
+            or bits != 8 * BYTES_PER_SAMPLE
+            or rate != SAMPLE_RATE
+            or channels not in (1, 2)
+        ):
             raise MediaStreamError(
                 "WAV must be 16-bit PCM at 8000 Hz, mono or stereo; got "
                 f"format {codec}, {bits} bits, {rate} Hz, {channels} channels"

@@ -50,10 +50,9 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE, SAMPLES_PER_MS
 from callstream.events import AudioChunkCaptured, CallEnded, Event, RecordingStored, Track
 
-SAMPLE_RATE = 8000
-SAMPLE_BYTES = 2
 HEADER_BYTES = 44
 MIN_PART_BYTES = 5 * 1024 * 1024  # S3's floor for every part but the last
 CONNECT_CHANNEL_ORDER = (Track.FROM_CUSTOMER, Track.TO_CUSTOMER)  # Connect's: customer left
@@ -117,7 +116,7 @@ class Source:
 
     @property
     def frame_bytes(self) -> int:
-        return SAMPLE_BYTES * len(self.channels)
+        return BYTES_PER_SAMPLE * len(self.channels)
 
 
 @dataclass(frozen=True)
@@ -280,7 +279,7 @@ class _Recording:
 
     @property
     def frame_bytes(self) -> int:
-        return SAMPLE_BYTES * len(self.tracks)
+        return BYTES_PER_SAMPLE * len(self.tracks)
 
     @property
     def multipart(self) -> bool:
@@ -323,8 +322,8 @@ class CallRecording:
         track = self.tracks.setdefault(chunk.track, _Track())
         if track.received(chunk.sequence):
             return []
-        start = chunk.sample_offset + chunk.gap_total_ms * (SAMPLE_RATE // 1000)
-        end = start + len(chunk.pcm) // SAMPLE_BYTES
+        start = chunk.sample_offset + chunk.gap_total_ms * SAMPLES_PER_MS
+        end = start + len(chunk.pcm) // BYTES_PER_SAMPLE
         track.max_seq = max(track.max_seq, chunk.sequence)
         track.end = max(track.end, end)
         track.ahead[chunk.sequence] = (start, end)
@@ -339,7 +338,7 @@ class CallRecording:
         self._check_late(chunk.track, start, end)
         if self.ended is not None:
             self._check_counts()
-        return [SpoolWrite(self.contact_id, chunk.track, start * SAMPLE_BYTES, chunk.pcm)]
+        return [SpoolWrite(self.contact_id, chunk.track, start * BYTES_PER_SAMPLE, chunk.pcm)]
 
     def _open_recordings(self, track: Track) -> None:
         if Layout.STEREO in self.plan.formats and "stereo" not in self.recordings:
@@ -614,7 +613,7 @@ class CallRecording:
         origin = self._origin()
         if t is None or t.t0_ms is None or origin is None:
             return 0
-        return (t.t0_ms - origin) * (SAMPLE_RATE // 1000)
+        return (t.t0_ms - origin) * SAMPLES_PER_MS
 
     def _origin(self) -> int | None:
         if self.origin_ms is not None:
@@ -645,7 +644,7 @@ class CallRecording:
             return r.total
         if r.layout is Layout.PER_TRACK:
             t = self.tracks.get(r.tracks[0])
-            return t.contig_end * SAMPLE_BYTES if t and t.started else 0
+            return t.contig_end * BYTES_PER_SAMPLE if t and t.started else 0
         covered = {
             track: self._lead(track) + t.contig_end
             for track in r.tracks
@@ -654,7 +653,7 @@ class CallRecording:
         if not covered:
             return 0
         best = max(covered.values())
-        horizon = self.plan.horizon_ms * (SAMPLE_RATE // 1000)
+        horizon = self.plan.horizon_ms * SAMPLES_PER_MS
         frames = min(max(covered.get(track, 0), best - horizon) for track in r.tracks)
         return max(frames, 0) * r.frame_bytes
 
@@ -662,7 +661,7 @@ class CallRecording:
         """PCM bytes of the whole recording (the call is complete)."""
         if r.layout is Layout.PER_TRACK:
             t = self.tracks.get(r.tracks[0])
-            return t.end * SAMPLE_BYTES if t else 0
+            return t.end * BYTES_PER_SAMPLE if t else 0
         ends = [
             self._lead(track) + t.end
             for track in r.tracks
@@ -685,7 +684,7 @@ class CallRecording:
             if track not in r.tracks or r.phase is not Phase.OPEN:
                 continue
             if r.layout is Layout.PER_TRACK:
-                limit = min(limit, r.sealed // SAMPLE_BYTES)
+                limit = min(limit, r.sealed // BYTES_PER_SAMPLE)
             elif not r.sealed:
                 limit = 0
             else:
@@ -695,7 +694,7 @@ class CallRecording:
     def spool_floor(self, track: Track) -> int:
         """Bytes of the track's spool no step will read again (`ALL`: none is needed)."""
         limit = self._durable_limit(track)
-        return ALL if limit == float("inf") else max(int(limit), 0) * SAMPLE_BYTES
+        return ALL if limit == float("inf") else max(int(limit), 0) * BYTES_PER_SAMPLE
 
     def durable_sequences(self) -> dict[str, int]:
         """Per track, how many leading chunks every recording has stored."""
@@ -907,7 +906,7 @@ def iso_stamp(ms: int) -> str:
 
 def wav_header(pcm_bytes: int, sample_rate: int = SAMPLE_RATE, channels: int = 1) -> bytes:
     """The 44-byte RIFF/WAVE header of 16-bit PCM."""
-    block = channels * SAMPLE_BYTES
+    block = channels * BYTES_PER_SAMPLE
     return (
         b"RIFF"
         + struct.pack("<I", 36 + pcm_bytes)
@@ -924,7 +923,7 @@ def interleave(channels: list[bytes]) -> bytes:
         return channels[0]
     n = len(channels)
     out = bytearray(len(channels[0]) * n)
-    step = SAMPLE_BYTES * n
+    step = BYTES_PER_SAMPLE * n
     for i, pcm in enumerate(channels):
         out[i * 2 :: step] = pcm[0::2]
         out[i * 2 + 1 :: step] = pcm[1::2]

@@ -45,6 +45,7 @@ from callstream.asr.port import (
     SpeechEngine,
     SpeechEngineError,
 )
+from callstream.audio import BYTES_PER_MS
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,
@@ -55,7 +56,6 @@ from callstream.events import (
     WordTiming,
 )
 from services.transcriber.recovery import (
-    BYTES_PER_MS,
     AudioSpool,
     RecoveryPolicy,
     StreamClock,

@@ -14,9 +14,7 @@ import bisect
 from collections import deque
 from dataclasses import dataclass
 
-from callstream.asr.port import BYTES_PER_SAMPLE, SAMPLE_RATE
-
-BYTES_PER_MS = SAMPLE_RATE * BYTES_PER_SAMPLE // 1000
+from callstream.audio import BYTES_PER_MS
 
 
 @dataclass(frozen=True)

@@ -19,14 +19,12 @@ from typing import Protocol
 import pytest
 
 from callstream.asr.port import (
-    BYTES_PER_SAMPLE,
-    SAMPLE_RATE,
     Hypothesis,
     RecognitionStream,
     SpeechEngineError,
 )
+from callstream.audio import BYTES_PER_MS, SAMPLE_RATE
 
-BYTES_PER_MS = SAMPLE_RATE * BYTES_PER_SAMPLE // 1000
 CHUNK_MS = 100
 SAMPLE = Path(__file__).resolve().parents[2] / "samples" / "utterances" / "utt02.wav"
 

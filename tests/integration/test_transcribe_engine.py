@@ -17,8 +17,6 @@ import pytest
 pytest.importorskip("hypercorn", reason="the local Transcribe endpoint needs hypercorn")
 
 from callstream.asr.port import (
-    BYTES_PER_SAMPLE,
-    SAMPLE_RATE,
     FatalSpeechError,
     Hypothesis,
     RecognitionStream,
@@ -27,12 +25,12 @@ from callstream.asr.port import (
     Word,
 )
 from callstream.asr.transcribe.engine import TranscribeEngine, TranscribeStream
+from callstream.audio import BYTES_PER_MS, SAMPLE_RATE
 from callstream.errors import RetryableError
 from callstream.local.transcribe import Fault, LocalTranscribeServer
 
 pytestmark = pytest.mark.integration
 
-BYTES_PER_MS = SAMPLE_RATE * BYTES_PER_SAMPLE // 1000
 SEGMENT_MS = 500
 CHUNK_MS = 100
 

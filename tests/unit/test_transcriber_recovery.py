@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from callstream.asr.port import FatalSpeechError, Hypothesis, RetryableSpeechError, Word
+from callstream.audio import BYTES_PER_MS
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,
@@ -30,7 +31,6 @@ from services.transcriber.recovery import AudioSpool, RecoveryPolicy, StreamCloc
 
 C = "contact-r"
 T = Track.FROM_CUSTOMER
-BYTES_PER_MS = 16
 
 
 @dataclass

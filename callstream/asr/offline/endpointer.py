@@ -47,7 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 from pocketsphinx import Vad
 
-SAMPLE_RATE = 8000
+from callstream.audio import SAMPLE_RATE
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,8 @@ from callstream.asr.offline.endpointer import (
 )
 from callstream.asr.offline.moonshine import SAMPLE_RATE as MODEL_RATE
 from callstream.asr.offline.moonshine import MoonshineModel, Transcript
-from callstream.asr.port import BYTES_PER_SAMPLE, SAMPLE_RATE, FatalSpeechError, Hypothesis
+from callstream.asr.port import FatalSpeechError, Hypothesis
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 

@@ -54,20 +54,18 @@ from amazon_transcribe.model import (
 from awscrt.exceptions import AwsCrtError
 
 from callstream.asr.port import (
-    BYTES_PER_SAMPLE,
-    SAMPLE_RATE,
     FatalSpeechError,
     Hypothesis,
     RetryableSpeechError,
     SpeechEngineError,
     Word,
 )
+from callstream.audio import BYTES_PER_MS, BYTES_PER_SAMPLE, SAMPLE_RATE
 
 _log = logging.getLogger(__name__)
 
-_BYTES_PER_MS = SAMPLE_RATE * BYTES_PER_SAMPLE // 1000
 # Transcribe takes events of up to 32 KiB and recommends 50-200 ms of audio each.
-_MAX_EVENT_BYTES = 200 * _BYTES_PER_MS
+_MAX_EVENT_BYTES = 200 * BYTES_PER_MS
 _RETRYABLE_CODES = frozenset(
     {
         "LimitExceededException",
@@ -304,7 +302,7 @@ class TranscribeStream:
     @property
     def sent_ms(self) -> int:
         """Milliseconds of audio handed to Transcribe so far (from the stream's start)."""
-        return self._sent_bytes // (_BYTES_PER_MS * self._context.channels)
+        return self._sent_bytes // (BYTES_PER_MS * self._context.channels)
 
     @property
     def session_id(self) -> str | None:

@@ -45,14 +45,13 @@ from types import TracebackType
 import numpy as np
 
 from callstream.asr.port import (
-    BYTES_PER_SAMPLE,
-    SAMPLE_RATE,
     Hypothesis,
     RetryableSpeechError,
     SpeechEngineError,
     Word,
 )
 from callstream.asr.transcribe.engine import TranscribeEngine, TranscribeStream
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE
 
 _log = logging.getLogger(__name__)
 

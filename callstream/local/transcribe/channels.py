@@ -7,7 +7,8 @@ import logging
 
 import numpy as np
 
-from callstream.asr.port import BYTES_PER_SAMPLE, Hypothesis, RecognitionStream
+from callstream.asr.port import Hypothesis, RecognitionStream
+from callstream.audio import BYTES_PER_SAMPLE
 
 _log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from callstream.asr.port import SAMPLE_RATE
+from callstream.audio import SAMPLE_RATE
 from callstream.local.transcribe.asgi import Scope
 from callstream.local.transcribe.errors import ServiceError
 

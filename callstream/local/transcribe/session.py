@@ -8,7 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from callstream.asr.port import SAMPLE_RATE, Hypothesis
+from callstream.asr.port import Hypothesis
+from callstream.audio import SAMPLE_RATE
 from callstream.local.transcribe.asgi import Send
 from callstream.local.transcribe.body import RequestBody, Signal
 from callstream.local.transcribe.channels import Channels
