@@ -63,6 +63,10 @@ class StreamSession:
             if self._getter is not None:
                 self._getter.cancel()
         if flushed:
+            # The client's END_STREAM may follow its end-of-audio event: closing our side
+            # first would let that frame reach a stream hypercorn already dropped, which
+            # tears down the whole connection before the last results are read.
+            await self._body.drain(self._timing.drain_timeout_s)
             await self._send_body(b"", more=False)
         else:
             await asyncio.to_thread(self._stream.close_quietly)
