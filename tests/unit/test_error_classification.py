@@ -195,22 +195,38 @@ def test_an_upload_failure_wrapped_by_boto3_is_classified_by_its_client_error() 
 
 # --- the Kinesis publisher ---------------------------------------------------------
 class FakeKinesis:
-    """put_records answers from a script: an exception to raise or per-entry error codes."""
+    """put_records answers from a script: an exception to raise or per-entry error codes
+    (by position in the request), or per partition key (`by_key`: each entry of that key
+    takes the next code; None accepts it)."""
 
-    def __init__(self, *answers: Exception | list[str | None]) -> None:
+    def __init__(
+        self,
+        *answers: Exception | list[str | None],
+        by_key: dict[str, list[str | None]] | None = None,
+    ) -> None:
         self.answers = list(answers)
+        self.by_key = {key: list(codes) for key, codes in (by_key or {}).items()}
         self.calls = 0
+        self.attempts: dict[str, int] = {}
 
     def put_records(self, StreamName: str, Records: list[dict[str, Any]]) -> dict[str, Any]:
         self.calls += 1
-        answer = self.answers.pop(0) if self.answers else [None] * len(Records)
+        for entry in Records:
+            key = entry["PartitionKey"]
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+        answer = self.answers.pop(0) if self.answers else None
         if isinstance(answer, Exception):
             raise answer
+        codes = answer or [self._next(entry["PartitionKey"]) for entry in Records]
         results = [
             {"ErrorCode": code, "ErrorMessage": f"{code}!"} if code else {"SequenceNumber": "1"}
-            for code in answer
+            for code in codes
         ]
-        return {"FailedRecordCount": sum(1 for c in answer if c), "Records": results}
+        return {"FailedRecordCount": sum(1 for c in codes if c), "Records": results}
+
+    def _next(self, key: str) -> str | None:
+        codes = self.by_key.get(key)
+        return codes.pop(0) if codes else None
 
 
 def _publish(kinesis: FakeKinesis) -> None:
@@ -218,14 +234,20 @@ def _publish(kinesis: FakeKinesis) -> None:
 
 
 def test_publisher_retries_throttled_entries_and_requests_until_accepted() -> None:
+    # Each call backs off on its own (the publisher keeps a call's records in order), so
+    # which entries share a request depends on the jitter: the script goes by key.
     kinesis = FakeKinesis(
         client_error("ProvisionedThroughputExceededException", 400, "PutRecords"),
-        ["ProvisionedThroughputExceededException", None],
-        ["InternalFailure"],
-        ["KMSThrottlingException"],
+        by_key={
+            "k1": [
+                "ProvisionedThroughputExceededException",
+                "InternalFailure",
+                "KMSThrottlingException",
+            ]
+        },
     )
     _publish(kinesis)
-    assert kinesis.calls == 5
+    assert kinesis.attempts == {"k1": 5, "k2": 2}
 
 
 @pytest.mark.parametrize(
