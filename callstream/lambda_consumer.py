@@ -48,7 +48,13 @@ from aws_lambda_powertools.utilities.data_classes.kinesis_stream_event import (
 from callstream.bus.ports import RawSink, Record
 from callstream.contract import Contract, default_contract
 from callstream.errors import ConfigurationFault, PoisonRecordError, RetryableError
-from callstream.runtime import Flushing, Handler, Rejecting, dead_letter
+from callstream.runtime import (
+    Handler,
+    acknowledge_rejection,
+    dead_letter,
+    flush_rejecting,
+    handle_rejecting,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,34 +129,16 @@ class _Batch:
             self.contacts[item.sequence_number] = contact
 
     def _apply(self, event: Any, record: Record) -> None:
-        """`handler.handle`; a flush inside it that rejects an earlier record dead-letters
-        that one and handles this one again."""
-        while True:
-            try:
-                self.handler.handle(event, record)
-                return
-            except PoisonRecordError as e:
-                if e.record is None or e.record == record:
-                    raise
-                self._reject(e.record, e)
+        handle_rejecting(self.handler, event, record, self._reject)
 
     def flush(self) -> None:
         """Make buffered effects durable; dead-letter a record the flush names as poison."""
         self.handler.tick()
-        while isinstance(self.handler, Flushing):
-            try:
-                self.handler.flush()
-                return
-            except PoisonRecordError as e:
-                if e.record is None:
-                    raise
-                self._reject(e.record, e)
+        flush_rejecting(self.handler, self._reject)
 
     def _reject(self, record: Record, error: PoisonRecordError) -> None:
-        """Dead-letter `record`; if the handler named it (a flush rejected it), say it is done."""
         self.consumer.dead_letter(record, error.reason, type(error).__name__)
-        if error.record is not None and isinstance(self.handler, Rejecting):
-            self.handler.dead_lettered(error.record)
+        acknowledge_rejection(self.handler, error)
 
     def unsettled_from(self, sequence_numbers: list[str]) -> str | None:
         """The first of these handled records whose call still has unflushed effects."""

@@ -179,14 +179,7 @@ class ServiceLoop:
 
         A flush that rejects the effects of one record (`PoisonRecordError`
         naming it) dead-letters that record and flushes the rest."""
-        while isinstance(self.handler, Flushing):
-            try:
-                self.handler.flush()
-                return
-            except PoisonRecordError as e:
-                if e.record is None:
-                    raise
-                self._reject(e.record, e)
+        flush_rejecting(self.handler, self._reject)
 
     def _last_flush(self, stop: threading.Event) -> None:
         try:
@@ -325,27 +318,51 @@ class ServiceLoop:
         return getattr(event, "contact_id", None)
 
     def _apply(self, event: Event, record: Record) -> None:
-        """`handler.handle`; when a flush inside it rejects an earlier record, that one is
-        dead-lettered and this one handled again (a retried record gives the same output)."""
-        while True:
-            try:
-                self.handler.handle(event, record)
-                return
-            except PoisonRecordError as e:
-                if e.record is None or e.record == record:
-                    raise
-                self._reject(e.record, e)
+        handle_rejecting(self.handler, event, record, self._reject)
 
     def _reject(self, record: Record, error: PoisonRecordError) -> None:
-        """Dead-letter `record`; if the handler named it (a flush rejected it), say it is done."""
         self._dead_letter(record, error.reason, type(error).__name__)
-        if error.record is not None and isinstance(self.handler, Rejecting):
-            self.handler.dead_lettered(error.record)
+        acknowledge_rejection(self.handler, error)
 
     def _dead_letter(self, record: Record, reason: str, error_type: str) -> None:
         self.metrics.count(DEAD_LETTERS)
         self.metrics.count(ERRORS, type=error_type)
         dead_letter(self.deadletters, self.contract, self.service, record, reason, error_type)
+
+
+Reject = Callable[[Record, PoisonRecordError], None]  # dead-letter a record, and acknowledge
+
+
+def handle_rejecting(handler: Handler, event: Event, record: Record, reject: Reject) -> None:
+    """`handler.handle`; when a flush inside it rejects an earlier record, that one is
+    rejected and this one handled again (a retried record gives the same output)."""
+    while True:
+        try:
+            handler.handle(event, record)
+            return
+        except PoisonRecordError as e:
+            if e.record is None or e.record == record:
+                raise
+            reject(e.record, e)
+
+
+def flush_rejecting(handler: Handler, reject: Reject) -> None:
+    """`handler.flush` if it has one; a record the flush names as poison is rejected and
+    the rest flushed again."""
+    while isinstance(handler, Flushing):
+        try:
+            handler.flush()
+            return
+        except PoisonRecordError as e:
+            if e.record is None:
+                raise
+            reject(e.record, e)
+
+
+def acknowledge_rejection(handler: Handler, error: PoisonRecordError) -> None:
+    """Once a record a flush rejected is dead-lettered, tell the handler to forget it."""
+    if error.record is not None and isinstance(handler, Rejecting):
+        handler.dead_lettered(error.record)
 
 
 def dead_letter(
