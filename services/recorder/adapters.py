@@ -80,33 +80,30 @@ class S3Recordings:
         self, key: str, body: bytes, crc: int, metadata: dict[str, str], tags: dict[str, str]
     ) -> str | None:
         """A whole recording in one request; returns its version id (if versioned)."""
-        response = self._call(
-            f"put of {self._where(key)}",
-            lambda: self.s3.put_object(
-                Bucket=self.bucket,
-                Key=key,
-                Body=body,
-                ChecksumAlgorithm="CRC32",
-                ChecksumCRC32=checksum_b64(crc),
-                **self._wav_args(metadata, tags),
-            ),
+        return self._put(
+            f"put of {self._where(key)}", key, body, crc, self._wav_args(metadata, tags)
         )
-        version: str | None = response.get("VersionId")
-        return version
 
     def put_head(self, key: str, body: bytes, crc: int) -> str | None:
         """Part 1's PCM, kept until the upload completes; returns its version id."""
+        head = {
+            "ContentType": "application/octet-stream",
+            "Tagging": urlencode({"callstream-incomplete": "true"}),
+            **self._encryption(),
+        }
+        return self._put(f"put of head {self._where(key)}", key, body, crc, head)
+
+    def _put(self, what: str, key: str, body: bytes, crc: int, extra: dict[str, Any]) -> str | None:
+        """One PutObject that S3 checks against the body's CRC32; its version id, if any."""
         response = self._call(
-            f"put of head {self._where(key)}",
+            what,
             lambda: self.s3.put_object(
                 Bucket=self.bucket,
                 Key=key,
                 Body=body,
                 ChecksumAlgorithm="CRC32",
                 ChecksumCRC32=checksum_b64(crc),
-                ContentType="application/octet-stream",
-                Tagging=urlencode({"callstream-incomplete": "true"}),
-                **self._encryption(),
+                **extra,
             ),
         )
         version: str | None = response.get("VersionId")
