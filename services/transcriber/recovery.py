@@ -10,11 +10,11 @@ All pure: no clocks, no I/O.
 
 from __future__ import annotations
 
-import bisect
 from collections import deque
 from dataclasses import dataclass
 
 from callstream.audio import BYTES_PER_MS
+from callstream.timemap import RunMap
 
 
 @dataclass(frozen=True)
@@ -104,23 +104,15 @@ class AudioSpool:
 
 
 class StreamClock:
-    """Maps one stream's times to call time; keep-alive silence maps to no call time."""
+    """Maps one stream's times to call time (ms); keep-alive silence maps to no call time."""
 
     def __init__(self) -> None:
         self.sent_ms = 0  # stream time of the next sample
-        self._stream_starts: list[int] = []
-        self._runs: list[tuple[int, int, int]] = []  # (stream ms, call ms, length ms)
+        self._runs = RunMap()  # (stream ms, call ms, length ms)
 
     def audio(self, call_ms: int, length_ms: int) -> None:
         """Real audio of the call went out next."""
-        if self._runs:
-            s0, c0, n = self._runs[-1]
-            if s0 + n == self.sent_ms and c0 + n == call_ms:
-                self._runs[-1] = (s0, c0, n + length_ms)
-                self.sent_ms += length_ms
-                return
-        self._runs.append((self.sent_ms, call_ms, length_ms))
-        self._stream_starts.append(self.sent_ms)
+        self._runs.add(self.sent_ms, call_ms, length_ms)
         self.sent_ms += length_ms
 
     def silence(self, length_ms: int) -> None:
@@ -130,15 +122,15 @@ class StreamClock:
     def to_call(self, stream_ms: int, *, rounding_up: bool) -> int | None:
         """Call time of a stream time. Inside filler silence: the next audio's start
         (`rounding_up`) or the previous audio's end; None if there is none."""
-        i = bisect.bisect_right(self._stream_starts, stream_ms) - 1
+        runs = self._runs
+        i = runs.index(stream_ms)
         if i < 0:
-            return self._runs[0][1] if rounding_up and self._runs else None
-        s0, c0, n = self._runs[i]
-        at_end = i == len(self._runs) - 1 and s0 + n == self.sent_ms
-        if stream_ms <= s0 + n or at_end:
+            return runs[0][1] if rounding_up and len(runs) else None
+        s0, c0, n = runs[i]
+        if stream_ms <= s0 + n or self._open_ended(i):
             return c0 + stream_ms - s0
         if rounding_up:
-            return self._runs[i + 1][1] if i + 1 < len(self._runs) else None
+            return runs[i + 1][1] if i + 1 < len(runs) else None
         return c0 + n
 
     def span(self, start_ms: int, end_ms: int) -> tuple[int, int] | None:
@@ -153,19 +145,16 @@ class StreamClock:
 
     def forget_before(self, stream_ms: int) -> None:
         """Drop runs that end before `stream_ms`; no later result reaches back there."""
-        keep = 0
-        while keep < len(self._runs) - 1:
-            s0, _, n = self._runs[keep]
-            if s0 + n >= stream_ms:
-                break
-            keep += 1
-        if keep:
-            del self._runs[:keep]
-            del self._stream_starts[:keep]
+        self._runs.forget_before(stream_ms)
+
+    def _open_ended(self, i: int) -> bool:
+        """Run `i` is the last and nothing was sent after it: it reaches any later time."""
+        s0, _, n = self._runs[i]
+        return i == len(self._runs) - 1 and s0 + n == self.sent_ms
 
     def _inside_audio(self, stream_ms: int) -> bool:
-        i = bisect.bisect_right(self._stream_starts, stream_ms) - 1
+        i = self._runs.index(stream_ms)
         if i < 0:
             return False
         s0, _, n = self._runs[i]
-        return stream_ms <= s0 + n or (i == len(self._runs) - 1 and s0 + n == self.sent_ms)
+        return stream_ms <= s0 + n or self._open_ended(i)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from callstream.asr.transcribe.stereo import ChannelClock, StereoMux
+from callstream.asr.transcribe.mux import ChannelClock, StereoMux
 
 MS = 8  # samples per ms at 8 kHz
 
