@@ -1,7 +1,9 @@
 # syntax=docker/dockerfile:1
-# callstream images. The builder makes the project's wheel; each runtime target
-# installs it (not editable) with only the extras its process needs, as a
-# non-root user:
+# callstream images. The builder makes two wheels, the runtime's (callstream:
+# the package and the services) and the emulator's (callstream-emulator, its own
+# distribution in emulator/); each runtime target installs (not editable) only
+# what its process needs, as a non-root user. No service image carries the
+# emulator, not even in a lower layer:
 #   service   (default) one image per extras set; the command picks the service:
 #             docker build --build-arg EXTRAS=offline,transcribe,sentiment -t callstream .
 #   emulator  moto + KVS media endpoint for compose and local runs:
@@ -15,7 +17,9 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY callstream ./callstream
 COPY services ./services
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+COPY emulator ./emulator
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/runtime . \
+    && pip wheel --no-cache-dir --no-deps --wheel-dir /wheels/emulator ./emulator
 
 FROM python:${PYTHON_VERSION}-slim AS base
 ARG PYTHON_VERSION
@@ -31,7 +35,7 @@ FROM base AS service
 # Extras of pyproject.toml: none for ingest, recorder and persister; offline and/or
 # transcribe for the transcriber; sentiment for the sample consumer.
 ARG EXTRAS=""
-COPY --from=builder /wheels /wheels
+COPY --from=builder /wheels/runtime /wheels
 SHELL ["/bin/sh", "-eu", "-c"]
 # The project's own wheel: its dependencies are pinned in pyproject.toml.
 # hadolint ignore=DL3013
@@ -52,10 +56,11 @@ CMD ["python", "-m", "services.ingest.main"]
 FROM base AS emulator
 COPY --from=builder /wheels /wheels
 SHELL ["/bin/sh", "-eu", "-c"]
-# The project's own wheel: its dependencies are pinned in pyproject.toml.
+# Both wheels: the emulator's requires the runtime's; their dependencies are pinned in
+# pyproject.toml and emulator/pyproject.toml.
 # hadolint ignore=DL3013
-RUN wheel="$(echo /wheels/callstream-*.whl)"; \
-    pip install --no-cache-dir "${wheel}[emulator]"; \
+RUN pip install --no-cache-dir /wheels/runtime/callstream-*.whl \
+        /wheels/emulator/callstream_emulator-*.whl; \
     rm -rf /wheels
 COPY schemas ${SITE_PACKAGES}/schemas
 # The one-shot caller of docker-compose.yml plays the sample call from here.
@@ -66,4 +71,4 @@ HEALTHCHECK --interval=5s --timeout=3s --start-period=10s --retries=5 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:4566/moto-api/', timeout=2)"]
 # Loopback only (the emulator refuses other addresses): compose runs the services
 # in this container's network namespace (network_mode: service:emulator).
-CMD ["python", "-m", "callstream.local", "--port", "4566", "--media-port", "4567", "--state-file", "/tmp/callstream-local.json"]
+CMD ["python", "-m", "callstream_emulator", "--port", "4566", "--media-port", "4567", "--state-file", "/tmp/callstream-local.json"]

@@ -6,10 +6,10 @@ BIN = $(VENV)/bin
 
 .PHONY: setup demo test lint bench clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml emulator/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[local,transcribe,sentiment,lambda,dev]'
+	$(BIN)/pip install --quiet -e '.[offline,transcribe,sentiment,lambda,dev]' -e ./emulator
 	touch $@
 
 setup: $(BIN)/.installed
@@ -23,12 +23,13 @@ test: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy callstream services
+	$(BIN)/mypy callstream services emulator/callstream_emulator
 	$(BIN)/hadolint Dockerfile
 	$(BIN)/check-jsonschema --builtin-schema vendor.compose-spec docker-compose.yml compose.localstack.yml
 	$(BIN)/lint-imports
 	$(BIN)/vulture
 	$(BIN)/deptry .
+	$(BIN)/deptry --config emulator/pyproject.toml emulator
 
 bench: setup
 	$(BIN)/python bench/mkv_decode.py

@@ -60,7 +60,7 @@ from callstream.bus.kinesis import KinesisPublisher  # noqa: E402
 from callstream.bus.leases import LeaseTable  # noqa: E402
 from callstream.contract import default_contract  # noqa: E402
 from callstream.events import AudioChunkCaptured, Track  # noqa: E402
-from callstream.local.faults import remote_snapshot  # noqa: E402
+from callstream_emulator.faults import remote_snapshot  # noqa: E402
 
 CHUNK_MS = 128
 CHUNK_BYTES = CHUNK_MS * 16  # 8 kHz, 16-bit
@@ -433,7 +433,7 @@ def emulator_process() -> Iterator[dict[str, str]]:
     with tempfile.TemporaryDirectory() as workdir:
         state = Path(workdir) / "emulator.json"
         process = subprocess.Popen(
-            [sys.executable, "-m", "callstream.local", "--state-file", str(state)],
+            [sys.executable, "-m", "callstream_emulator", "--state-file", str(state)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             env={k: v for k, v in os.environ.items() if k != "CALLSTREAM_EMULATOR_KINESIS_QUOTAS"},

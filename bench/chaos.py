@@ -26,8 +26,8 @@ import tempfile
 from pathlib import Path
 from types import ModuleType
 
-from callstream.local.emulator import CLEARED_ENV, Emulator
-from callstream.local.processes import ServiceGroup
+from callstream_emulator.emulator import CLEARED_ENV, Emulator
+from callstream_emulator.processes import ServiceGroup
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -31,12 +31,12 @@ from pathlib import Path
 
 import numpy as np
 
-from callstream.local.demo import SAMPLE_DIR, adopt_env, local_env, read_rows
-from callstream.local.emulator import Emulator
-from callstream.local.processes import ServiceGroup
-from callstream.local.provision import provision
-from callstream.local.simulator import CallPlayer, read_wav_pcm
 from callstream.mkv.writer import ConnectCallWriter
+from callstream_emulator.demo import SAMPLE_DIR, adopt_env, local_env, read_rows
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.processes import ServiceGroup
+from callstream_emulator.provision import provision
+from callstream_emulator.simulator import CallPlayer, read_wav_pcm
 from services.ingest.lambda_function import lambda_handler
 
 BLOCKS_PER_FRAGMENT = 2  # 2 x 64 ms: fragments put as their audio ends, like streamed blocks

@@ -177,8 +177,8 @@ def play(
 
     `lags` gets, per tick, how late the last call's fragment was stored (harness lag).
     """
-    from callstream.local.kvs_media import now_ms
-    from callstream.local.kvs_store import StoredFragment
+    from callstream_emulator.kvs_media import now_ms
+    from callstream_emulator.kvs_store import StoredFragment
 
     def store(call: PlayedCall, released: list[Any]) -> None:
         for media in released:
@@ -208,9 +208,9 @@ def run_bench(calls_n: int, seconds: int, chunk_ms: int) -> dict[str, Any]:
     """Start the emulator, N streams and the worker; play; return the worker's stats."""
     import boto3
 
-    from callstream.local.emulator import Emulator
-    from callstream.local.kvs_fragmenter import Fragmenter
     from callstream.mkv.writer import ConnectCallWriter
+    from callstream_emulator.emulator import Emulator
+    from callstream_emulator.kvs_fragmenter import Fragmenter
 
     pcm = os.urandom(8 * FRAGMENT)
     fragments = round(seconds / 1.024)

@@ -84,8 +84,8 @@ def rss_bytes() -> int:
 
 
 def _emulator(conn: Any) -> None:
-    from callstream.local import s3_recordings
-    from callstream.local.emulator import Emulator
+    from callstream_emulator import s3_recordings
+    from callstream_emulator.emulator import Emulator
 
     with Emulator() as emulator:
         patches = s3_recordings.apply()

@@ -38,9 +38,9 @@ from callstream import aws
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, EndReason, Track
-from callstream.local.emulator import CLEARED_ENV, Emulator
-from callstream.local.processes import ServiceGroup
-from callstream.local.provision import provision
+from callstream_emulator.emulator import CLEARED_ENV, Emulator
+from callstream_emulator.processes import ServiceGroup
+from callstream_emulator.provision import provision
 
 PCM = b"\x01\x02" * 1024  # one 128 ms chunk
 

@@ -38,10 +38,10 @@ from callstream.events import (
     Track,
     TranscriptSegmentProduced,
 )
-from callstream.local.demo import adopt_env, local_env
-from callstream.local.emulator import Emulator
-from callstream.local.processes import ServiceGroup
-from callstream.local.provision import provision
+from callstream_emulator.demo import adopt_env, local_env
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.processes import ServiceGroup
+from callstream_emulator.provision import provision
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples" / "call"
 FILES = {Track.TO_CUSTOMER: "agent.wav", Track.FROM_CUSTOMER: "customer.wav"}

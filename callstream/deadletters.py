@@ -40,7 +40,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.awserrors import classify
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.bus.leases import now_ms
+from callstream.clock import now_ms
 from callstream.contract import Contract, default_contract
 from callstream.errors import PoisonRecordError
 from callstream.events import DeadLetter

@@ -8,13 +8,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
-    from callstream.local.emulator import Emulator
+    from callstream_emulator.emulator import Emulator
 
 
 @pytest.fixture(scope="session")
 def emulator() -> Iterator[Emulator]:
     """One Emulator (moto + KVS media endpoint) on free loopback ports per test session."""
-    from callstream.local.emulator import Emulator
+    from callstream_emulator.emulator import Emulator
 
     with Emulator() as running:
         yield running
@@ -23,7 +23,7 @@ def emulator() -> Iterator[Emulator]:
 @pytest.fixture
 def aws_env(emulator: Emulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
     """The process environment pointed at the emulator; faults are cleared afterwards."""
-    from callstream.local.emulator import CLEARED_ENV
+    from callstream_emulator.emulator import CLEARED_ENV
 
     for name in CLEARED_ENV:
         monkeypatch.delenv(name, raising=False)

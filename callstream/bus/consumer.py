@@ -71,8 +71,9 @@ from typing import Any, Protocol
 from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.awserrors import error_code
-from callstream.bus.leases import Lease, LeaseTable, fair_share, now_ms
+from callstream.bus.leases import Lease, LeaseTable, fair_share
 from callstream.bus.ports import Record
+from callstream.clock import now_ms
 from callstream.metrics import ITERATOR_AGE_MS, LEASES_FENCED, Metrics
 
 log = logging.getLogger(__name__)

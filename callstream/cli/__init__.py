@@ -81,6 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 1
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("callstream_emulator"):
+            raise
+        print(
+            f"callstream: `{args.command}` needs the emulator, a distribution of its own: "
+            "pip install ./emulator (from the project's root), or `make setup`",
+            file=sys.stderr,
+        )
+        return 2
     except Exception as e:
         print(f"callstream: error: {_describe(e)}", file=sys.stderr)
         log.debug("command failed", exc_info=True)

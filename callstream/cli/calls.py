@@ -124,7 +124,7 @@ def _calls(args: argparse.Namespace) -> int:
 
 def throttle_line(control_url: str, bus: Any) -> str:
     """The emulator's Kinesis throttle counts for the bus's streams, as one line."""
-    from callstream.local.faults import remote_snapshot
+    from callstream_emulator.faults import remote_snapshot
 
     head = "kinesis throttles (emulator"
     try:

@@ -40,7 +40,7 @@ def register(commands: Any) -> None:
 
 
 def _local_up(args: argparse.Namespace) -> int:
-    from callstream.local.emulator import run_forever
+    from callstream_emulator.emulator import run_forever
 
     run_forever(
         args.state_file,
@@ -84,6 +84,6 @@ def _is_emulator(pid: int) -> bool:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from callstream.local.demo import run_demo
+    from callstream_emulator.demo import run_demo
 
     return run_demo(speed=args.speed)

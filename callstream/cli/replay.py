@@ -51,7 +51,7 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _replay_wav(args: argparse.Namespace) -> tuple[str, str, str]:
-    from callstream.local.simulator import CallPlayer
+    from callstream_emulator.simulator import CallPlayer
 
     customer, agent = _wav_tracks(args.file, args.agent)
     contact_id = args.contact_id or _new_contact_id()
@@ -89,7 +89,7 @@ def _wav_tracks(path: Path, agent_path: Path | None) -> tuple[bytes, bytes]:
         return samples[:, 0].tobytes(), samples[:, 1].tobytes()
     if agent_path is None:
         return frames, b"\0" * len(frames)
-    from callstream.local.simulator import read_wav_pcm
+    from callstream_emulator.simulator import read_wav_pcm
 
     return frames, read_wav_pcm(agent_path)
 
@@ -107,8 +107,8 @@ def _publish_trigger(contact_id: str, stream_arn: str, fragment: str) -> None:
 
 def _replay_mkv(args: argparse.Namespace) -> tuple[str, str, str]:
     from callstream import aws
-    from callstream.local.kvs_producer import put_media
-    from callstream.local.simulator import ensure_kvs_stream
+    from callstream_emulator.kvs_producer import put_media
+    from callstream_emulator.simulator import ensure_kvs_stream
 
     data = args.file.read_bytes()
     contact_id = args.contact_id or _contact_in(data) or _new_contact_id()

@@ -106,7 +106,7 @@ def offline_engine() -> Any:
 @pytest.fixture
 def transcribe_server() -> Iterator[Any]:
     pytest.importorskip("hypercorn", reason="the local Transcribe endpoint needs hypercorn")
-    from callstream.local.transcribe import LocalTranscribeServer
+    from callstream_emulator.transcribe import LocalTranscribeServer
 
     with LocalTranscribeServer(LengthTestEngine()) as running:
         yield running

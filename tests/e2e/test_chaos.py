@@ -50,11 +50,11 @@ import pytest
 from callstream import aws
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.deadletters import list_dead_letters
-from callstream.local.demo import SAMPLE_DIR, list_recordings, read_rows
-from callstream.local.processes import SERVICES, ServiceGroup
-from callstream.local.provision import provision
-from callstream.local.simulator import CallPlayer, read_wav_pcm
 from callstream.service import ensure_stream
+from callstream_emulator.demo import SAMPLE_DIR, list_recordings, read_rows
+from callstream_emulator.processes import SERVICES, ServiceGroup
+from callstream_emulator.provision import provision
+from callstream_emulator.simulator import CallPlayer, read_wav_pcm
 from services.ingest.trigger import parse_trigger
 
 pytestmark = pytest.mark.integration

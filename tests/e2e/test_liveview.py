@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from callstream.local.demo import adopt_env, local_env, play_sample_call
-from callstream.local.processes import REPO_ROOT, ServiceGroup
-from callstream.local.provision import provision
+from callstream_emulator.demo import adopt_env, local_env, play_sample_call
+from callstream_emulator.processes import REPO_ROOT, ServiceGroup
+from callstream_emulator.provision import provision
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = [

@@ -26,7 +26,8 @@ import pytest
 from callstream import aws
 from callstream.bus.tail import StreamTail
 from callstream.events import CallEnded, DeadLetter, EndReason
-from callstream.local.demo import (
+from callstream.mkv import ebml
+from callstream_emulator.demo import (
     SAMPLE_DIR,
     CallOutcome,
     adopt_env,
@@ -34,10 +35,9 @@ from callstream.local.demo import (
     play_sample_call,
     watch_call,
 )
-from callstream.local.processes import ServiceGroup
-from callstream.local.provision import provision
-from callstream.local.simulator import read_wav_pcm
-from callstream.mkv import ebml
+from callstream_emulator.processes import ServiceGroup
+from callstream_emulator.provision import provision
+from callstream_emulator.simulator import read_wav_pcm
 
 pytestmark = pytest.mark.integration
 SPEED = 4.0
@@ -146,8 +146,8 @@ def test_an_undecodable_record_goes_to_the_dead_letter_stream(stack: dict[str, s
 def test_a_stream_without_audio_tracks_ends_the_call_with_the_reason(
     stack: dict[str, str],
 ) -> None:
-    from callstream.local.kvs_producer import put_media
-    from callstream.local.simulator import ensure_kvs_stream
+    from callstream_emulator.kvs_producer import put_media
+    from callstream_emulator.simulator import ensure_kvs_stream
     from services.ingest.lambda_function import lambda_handler
 
     region = stack["APP_REGION"]

@@ -55,9 +55,9 @@ from callstream.contract import default_contract
 from callstream.deadletters import list_dead_letters
 from callstream.errors import PoisonRecordError
 from callstream.events import AudioChunkCaptured
-from callstream.local.processes import ServiceGroup
 from callstream.metrics import Metrics
 from callstream.service import record_source
+from callstream_emulator.processes import ServiceGroup
 
 pytestmark = pytest.mark.integration
 SEED = 12

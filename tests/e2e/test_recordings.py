@@ -29,14 +29,14 @@ import pytest
 from callstream import aws
 from callstream.bus.tail import StreamTail
 from callstream.events import CallEnded, RecordingStored
-from callstream.local import s3_recordings
-from callstream.local.demo import adopt_env, local_env
-from callstream.local.kvs_producer import put_media
-from callstream.local.processes import ServiceGroup
-from callstream.local.provision import provision
-from callstream.local.simulator import ensure_kvs_stream
 from callstream.mkv.writer import ConnectCallWriter
 from callstream.service import ensure_stream
+from callstream_emulator import s3_recordings
+from callstream_emulator.demo import adopt_env, local_env
+from callstream_emulator.kvs_producer import put_media
+from callstream_emulator.processes import ServiceGroup
+from callstream_emulator.provision import provision
+from callstream_emulator.simulator import ensure_kvs_stream
 from services.ingest.lambda_function import lambda_handler
 from services.recorder.core import checksum_b64
 

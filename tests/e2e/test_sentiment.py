@@ -15,9 +15,9 @@ from typing import Any
 import pytest
 
 from callstream import aws
-from callstream.local.demo import adopt_env, local_env, play_sample_call, watch_call
-from callstream.local.processes import ServiceGroup
-from callstream.local.provision import provision
+from callstream_emulator.demo import adopt_env, local_env, play_sample_call, watch_call
+from callstream_emulator.processes import ServiceGroup
+from callstream_emulator.provision import provision
 from services.sentiment.core import LABELS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -21,8 +21,8 @@ from callstream.bus.fanout import SUBSCRIPTIONS, FanOutSource, register_consumer
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable
 from callstream.bus.ports import Record
-from callstream.local.emulator import Emulator
 from callstream.metrics import Metrics
+from callstream_emulator.emulator import Emulator
 
 pytestmark = pytest.mark.integration
 LEASE_MS = 3000

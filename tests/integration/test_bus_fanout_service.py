@@ -18,10 +18,10 @@ import pytest
 from callstream import aws
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, EndReason, Event, Track
-from callstream.local.demo import local_env
-from callstream.local.emulator import Emulator
-from callstream.local.processes import ServiceGroup
-from callstream.local.provision import provision
+from callstream_emulator.demo import local_env
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.processes import ServiceGroup
+from callstream_emulator.provision import provision
 
 pytestmark = pytest.mark.integration
 CHUNK = bytes(range(256)) * 8  # 128 ms of 8 kHz 16-bit PCM

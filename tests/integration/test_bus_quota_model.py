@@ -16,7 +16,7 @@ from types import ModuleType
 import pytest
 
 from callstream.cli.capacity import MIB, READ_CALLS_PER_S, Inputs, plan
-from callstream.local.emulator import Emulator
+from callstream_emulator.emulator import Emulator
 
 pytestmark = pytest.mark.integration
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "bus_quota.py"

@@ -16,8 +16,8 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from callstream.aws import ensure_table
-from callstream.local.emulator import Emulator
-from callstream.local.faults import remote_faults
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.faults import remote_faults
 
 pytestmark = pytest.mark.integration
 NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})

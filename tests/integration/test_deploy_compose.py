@@ -102,7 +102,7 @@ def test_the_emulator_images_command_serves_its_ports_and_stops_on_sigterm(
     tmp_path: Path,
 ) -> None:
     command = stage_command("emulator")
-    assert command[:3] == ["python", "-m", "callstream.local"]
+    assert command[:3] == ["python", "-m", "callstream_emulator"]
     moto, media = _free_port(), _free_port()
     state = tmp_path / "local.json"
     swaps = {"--port": str(moto), "--media-port": str(media), "--state-file": str(state)}
@@ -130,7 +130,7 @@ def test_the_emulator_images_command_serves_its_ports_and_stops_on_sigterm(
         out, _ = process.communicate(timeout=30)
     assert process.returncode == 0, out
     assert not state.exists()
-    assert shlex.join(command).startswith("python -m callstream.local")
+    assert shlex.join(command).startswith("python -m callstream_emulator")
 
 
 def test_every_task_command_of_the_template_is_a_module_of_the_built_wheel(
@@ -143,6 +143,13 @@ def test_every_task_command_of_the_template_is_a_module_of_the_built_wheel(
     (wheel,) = tmp_path.glob("callstream-*.whl")
     with zipfile.ZipFile(wheel) as zipped:
         names = set(zipped.namelist())
+        (metadata,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+        requires = [
+            line for line in zipped.read(metadata).decode().splitlines() if "Requires-Dist" in line
+        ]
+    # The wheel a service image installs carries no emulator and needs none of its parts.
+    assert not [n for n in names if n.startswith("callstream_emulator/")]
+    assert not [r for r in requires if any(x in r for x in ("moto", "hypercorn", "werkzeug"))]
     template, problems = decode(str(REPO / "deploy" / "callstream.yaml"))
     assert not problems and template is not None
     tasks = [r for r in template["Resources"].values() if r["Type"] == "AWS::ECS::TaskDefinition"]
@@ -152,3 +159,55 @@ def test_every_task_command_of_the_template_is_a_module_of_the_built_wheel(
         python, flag, module = container["Command"]
         assert (python, flag) == ("python", "-m")
         assert module.replace(".", "/") + ".py" in names, module
+
+
+def _stage_lines(stage: str) -> list[str]:
+    text = (REPO / "Dockerfile").read_text().replace("\\\n", " ")
+    lines, current = [], None
+    for line in text.splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"] and "AS" in words:
+            current = words[words.index("AS") + 1]
+        elif current == stage:
+            lines.append(line)
+    return lines
+
+
+def test_the_service_image_copies_only_the_runtime_wheel_and_the_emulator_image_both() -> None:
+    builder = " ".join(_stage_lines("builder"))
+    assert "--wheel-dir /wheels/runtime . " in builder
+    assert "--wheel-dir /wheels/emulator ./emulator" in builder
+    copies = [line.split() for line in _stage_lines("service") if "--from=builder" in line]
+    assert [words[2] for words in copies] == ["/wheels/runtime"]
+    emulator = " ".join(_stage_lines("emulator"))
+    assert "/wheels/runtime/callstream-*.whl" in emulator
+    assert "/wheels/emulator/callstream_emulator-*.whl" in emulator
+
+
+def test_every_service_and_the_cli_import_without_the_emulator_or_moto() -> None:
+    # As in a service image: neither callstream_emulator nor moto can be imported.
+    script = """
+import importlib, importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("callstream_emulator", "moto", "hypercorn"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, Absent())
+for module in sys.argv[1:]:
+    importlib.import_module(module)
+from callstream.cli import main
+sys.exit(main(["local", "up", "--state-file", "/nonexistent/dir/state.json"]))
+"""
+    mains = sorted(f"services.{p.parent.name}.main" for p in (REPO / "services").glob("*/main.py"))
+    assert len(mains) == 6
+    done = subprocess.run(
+        [sys.executable, "-c", script, *mains, "services.ingest.lambda_function"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    # Every import worked; the emulator's own command says how to get it, exit 2.
+    assert done.returncode == 2, done.stderr
+    assert "needs the emulator" in done.stderr and "pip install ./emulator" in done.stderr

@@ -119,7 +119,7 @@ def test_the_trigger_zip_lacks_nothing_and_leaves_out_what_lambda_provides(
     assert (root / "callstream" / "metrics.py").is_file()
     assert (root / "schemas" / "CallStarted.v1.avsc").is_file()
     assert (root / "fastavro").is_dir()
-    for absent in ("boto3", "botocore", "numpy", "moto", "onnxruntime", "callstream/local"):
+    for absent in ("boto3", "botocore", "numpy", "moto", "onnxruntime", "callstream_emulator"):
         assert not (root / absent).exists(), absent
 
 

@@ -16,8 +16,8 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
 
-from callstream.local.emulator import CLEARED_ENV, Emulator
-from callstream.local.faults import remote_faults
+from callstream_emulator.emulator import CLEARED_ENV, Emulator
+from callstream_emulator.faults import remote_faults
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +187,7 @@ def test_module_entry_point_publishes_state_and_stops_on_sigterm(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if k not in CLEARED_ENV}
     started = time.monotonic()
     process = subprocess.Popen(
-        [sys.executable, "-m", "callstream.local", "--state-file", str(state_file)],
+        [sys.executable, "-m", "callstream_emulator", "--state-file", str(state_file)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

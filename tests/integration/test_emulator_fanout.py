@@ -22,7 +22,7 @@ import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError, EventStreamError
 
-from callstream.local.emulator import Emulator
+from callstream_emulator.emulator import Emulator
 
 pytestmark = pytest.mark.integration
 SHARD = "shardId-000000000000"

@@ -24,9 +24,9 @@ from botocore.config import Config
 from botocore.exceptions import ClientError
 
 from callstream.cli import main
-from callstream.local.emulator import Emulator
-from callstream.local.faults import remote_faults, remote_snapshot
-from callstream.local.kinesis_quotas import MIB
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.faults import remote_faults, remote_snapshot
+from callstream_emulator.kinesis_quotas import MIB
 
 pytestmark = pytest.mark.integration
 NO_RETRIES = Config(retries={"total_max_attempts": 1, "mode": "standard"})
@@ -305,7 +305,7 @@ def test_the_emulator_process_announces_quotas_off_when_the_variable_says_so(
     env = {**os.environ, "CALLSTREAM_EMULATOR_KINESIS_QUOTAS": "off"}
     state = tmp_path / "local.json"
     process = subprocess.Popen(
-        [sys.executable, "-m", "callstream.local", "--state-file", str(state)],
+        [sys.executable, "-m", "callstream_emulator", "--state-file", str(state)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

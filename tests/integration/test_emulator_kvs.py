@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError, ResponseStreamingError
 
-from callstream.local.emulator import Emulator
-from callstream.local.faults import remote_faults
-from callstream.local.kvs_producer import KvsMediaError, put_media
 from callstream.mkv import FrameRead, MkvStreamReader
 from callstream.mkv import ebml as E
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.faults import remote_faults
+from callstream_emulator.kvs_producer import KvsMediaError, put_media
 
 pytestmark = pytest.mark.integration
 

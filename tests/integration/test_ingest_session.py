@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, EndReason, Event, Track
-from callstream.local.emulator import Emulator
-from callstream.local.kvs_producer import put_media
 from callstream.mkv.writer import ConnectCallWriter
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.kvs_producer import put_media
 from services.ingest.media import KvsMedia
 from services.ingest.session import CallSession
 

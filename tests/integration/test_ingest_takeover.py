@@ -25,10 +25,10 @@ import pytest
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.contract import default_contract
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, Event, Track
-from callstream.local.emulator import Emulator
-from callstream.local.kvs_producer import put_media
 from callstream.mkv.writer import ConnectCallWriter
 from callstream.progress import DynamoProgress
+from callstream_emulator.emulator import Emulator
+from callstream_emulator.kvs_producer import put_media
 from services.ingest.handler import IngestHandler
 from services.ingest.media import KvsMedia
 from services.ingest.published import PublishedEvents

@@ -23,7 +23,7 @@ from callstream.bus.kinesis import KinesisPublisher
 from callstream.contract import default_contract
 from callstream.events import DeadLetter, Track, TranscriptSegmentProduced
 from callstream.lambda_consumer import KinesisBatchConsumer
-from callstream.local.emulator import Emulator
+from callstream_emulator.emulator import Emulator
 from services.persister.adapters import ensure_tables
 from services.persister.handler import PersisterHandler
 from services.persister.settings import PersisterSettings

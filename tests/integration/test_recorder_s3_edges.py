@@ -2,7 +2,7 @@
 
 The production handler and loop (S3 steps on a pool of 4, as the service
 runs) over the in-memory bus, writing through boto3 to the embedded
-emulator, whose S3 answers KMS keys as S3 does (callstream/local/
+emulator, whose S3 answers KMS keys as S3 does (emulator/callstream_emulator/
 s3_recordings.py). A key the recorder may not use stops it with the key's
 error and stores nothing; S3 throttling a third of object requests while a
 call is streamed in 5 MiB parts slows it down and gives the same object.
@@ -32,10 +32,10 @@ from callstream.events import (
     RecordingStored,
     Track,
 )
-from callstream.local import s3_recordings
-from callstream.local.emulator import Emulator
 from callstream.progress import MemoryProgress
 from callstream.runtime import ServiceLoop
+from callstream_emulator import s3_recordings
+from callstream_emulator.emulator import Emulator
 from services.recorder.core import checksum_b64
 from services.recorder.handler import RecorderHandler
 from services.recorder.settings import RecorderSettings

@@ -41,9 +41,9 @@ from callstream.events import (
     RecordingStored,
     Track,
 )
-from callstream.local import s3_recordings
 from callstream.progress import DynamoProgress
 from callstream.runtime import ServiceLoop
+from callstream_emulator import s3_recordings
 from services.recorder.core import checksum_b64
 from services.recorder.handler import RecorderHandler
 from services.recorder.settings import RecorderSettings

@@ -27,7 +27,7 @@ from callstream.asr.port import (
 from callstream.asr.transcribe.engine import TranscribeEngine, TranscribeStream
 from callstream.audio import BYTES_PER_MS, SAMPLE_RATE
 from callstream.errors import RetryableError
-from callstream.local.transcribe import Fault, LocalTranscribeServer
+from callstream_emulator.transcribe import Fault, LocalTranscribeServer
 
 pytestmark = pytest.mark.integration
 

@@ -26,7 +26,7 @@ from test_transcribe_engine import (
 from callstream.asr.port import Hypothesis, RetryableSpeechError
 from callstream.asr.transcribe.engine import TranscribeEngine
 from callstream.asr.transcribe.stereo import StereoHandle, StereoTranscribeEngine
-from callstream.local.transcribe import Fault, LocalTranscribeServer
+from callstream_emulator.transcribe import Fault, LocalTranscribeServer
 
 pytestmark = pytest.mark.integration
 

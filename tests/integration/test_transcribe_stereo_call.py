@@ -39,7 +39,7 @@ from callstream.events import (
     Track,
     TranscriptSegmentProduced,
 )
-from callstream.local.transcribe import Fault, LocalTranscribeServer
+from callstream_emulator.transcribe import Fault, LocalTranscribeServer
 from services.transcriber.handler import TranscriberHandler
 
 pytestmark = pytest.mark.integration

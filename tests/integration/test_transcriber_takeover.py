@@ -27,9 +27,9 @@ from callstream.events import (
     Track,
     TranscriptSegmentProduced,
 )
-from callstream.local.simulator import read_wav_pcm
 from callstream.progress import DynamoProgress
 from callstream.runtime import ServiceLoop
+from callstream_emulator.simulator import read_wav_pcm
 from services.transcriber.handler import TranscriberHandler
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples" / "call"

@@ -34,9 +34,9 @@ from callstream.events import (
     Track,
     TranscriptSegmentProduced,
 )
-from callstream.local.provision import provision
 from callstream.mkv import write_connect_call
 from callstream.service import ensure_stream
+from callstream_emulator.provision import provision
 
 pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]

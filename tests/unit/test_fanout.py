@@ -22,7 +22,8 @@ from botocore.exceptions import ClientError
 from callstream.bus import fanout
 from callstream.bus.consumer import Batch, Position, ShardRead
 from callstream.bus.fanout import FanOutReader, FanOutSource, register_consumer
-from callstream.bus.leases import Lease, now_ms
+from callstream.bus.leases import Lease
+from callstream.clock import now_ms
 from callstream.errors import ConfigurationFault
 
 ARN = "arn:aws:kinesis:us-east-1:123456789012:stream/audio/consumer/transcriber:1"

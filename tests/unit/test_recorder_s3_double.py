@@ -270,7 +270,7 @@ def s3(request: pytest.FixtureRequest) -> Iterator[Any]:
     if request.param == "double":
         yield S3Double("contract-bucket")
         return
-    from callstream.local import s3_recordings
+    from callstream_emulator import s3_recordings
 
     session = request.getfixturevalue("aws_session")
     patches = s3_recordings.apply()  # NoSuchUpload and KMS keys as S3 answers them

@@ -66,7 +66,7 @@ def find_model_dir() -> Path:
             return candidate
     raise ModelNotFoundError(
         f"Moonshine base-en model files {', '.join(MODEL_FILES)} not found: install the "
-        f"'{MODEL_PACKAGE}' package (pip install {MODEL_PACKAGE}==0.1.4, or callstream[local]); "
+        f"'{MODEL_PACKAGE}' package (pip install {MODEL_PACKAGE}==0.1.4, or callstream[offline]); "
         f"searched {locations or 'nowhere: the package is not installed'}"
     )
 

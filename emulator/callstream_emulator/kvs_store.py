@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from callstream.local.kvs_fragmenter import MediaFragment
+from callstream_emulator.kvs_fragmenter import MediaFragment
 
 # 47 decimal digits, like real KVS fragment numbers; the offset grows with the
 # wall clock so numbers also increase across emulator restarts.

@@ -10,14 +10,14 @@ import logging
 import uuid
 
 from callstream.asr.port import RecognitionStream, SpeechEngine
-from callstream.local.transcribe.asgi import Receive, Scope, Send
-from callstream.local.transcribe.body import RequestBody
-from callstream.local.transcribe.channels import Channels
-from callstream.local.transcribe.errors import EXCEPTION_STATUS, ServiceError, service_error_for
-from callstream.local.transcribe.faults import Ledger, StreamRecord
-from callstream.local.transcribe.params import StartParams, start_params
-from callstream.local.transcribe.relay import Relay
-from callstream.local.transcribe.session import StreamSession, Timing
+from callstream_emulator.transcribe.asgi import Receive, Scope, Send
+from callstream_emulator.transcribe.body import RequestBody
+from callstream_emulator.transcribe.channels import Channels
+from callstream_emulator.transcribe.errors import EXCEPTION_STATUS, ServiceError, service_error_for
+from callstream_emulator.transcribe.faults import Ledger, StreamRecord
+from callstream_emulator.transcribe.params import StartParams, start_params
+from callstream_emulator.transcribe.relay import Relay
+from callstream_emulator.transcribe.session import StreamSession, Timing
 
 _log = logging.getLogger(__name__)
 

@@ -9,9 +9,9 @@ import logging
 
 from amazon_transcribe.eventstream import ParserError
 
-from callstream.local.transcribe.asgi import Receive
-from callstream.local.transcribe.codec import AudioDecoder
-from callstream.local.transcribe.faults import StreamRecord
+from callstream_emulator.transcribe.asgi import Receive
+from callstream_emulator.transcribe.codec import AudioDecoder
+from callstream_emulator.transcribe.faults import StreamRecord
 
 _log = logging.getLogger(__name__)
 

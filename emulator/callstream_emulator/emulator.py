@@ -9,7 +9,7 @@
 
 Services reach both only through boto3 and `AWS_ENDPOINT_URL` (see `env()`),
 the same code path as against LocalStack or real AWS. `run_forever()` backs
-`python -m callstream.local`.
+`python -m callstream_emulator`.
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ from moto.moto_server.werkzeug_app import (
 from moto.server import ThreadedMotoServer
 from werkzeug.serving import make_server
 
-from callstream.local import moto_patches
-from callstream.local.faults import Faults
-from callstream.local.kinesis_fanout import FanoutHub, FanoutSettings, WsgiApp
-from callstream.local.kinesis_quotas import KinesisQuotas
-from callstream.local.kvs_api import ApiError, not_found
-from callstream.local.kvs_media import KvsMediaServer, MediaOptions
-from callstream.local.kvs_store import FragmentStore
+from callstream_emulator import moto_patches
+from callstream_emulator.faults import Faults
+from callstream_emulator.kinesis_fanout import FanoutHub, FanoutSettings, WsgiApp
+from callstream_emulator.kinesis_quotas import KinesisQuotas
+from callstream_emulator.kvs_api import ApiError, not_found
+from callstream_emulator.kvs_media import KvsMediaServer, MediaOptions
+from callstream_emulator.kvs_store import FragmentStore
 
 logger = logging.getLogger(__name__)
 

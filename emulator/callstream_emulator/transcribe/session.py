@@ -10,12 +10,12 @@ from typing import Any
 
 from callstream.asr.port import Hypothesis
 from callstream.audio import SAMPLE_RATE
-from callstream.local.transcribe.asgi import Send
-from callstream.local.transcribe.body import RequestBody, Signal
-from callstream.local.transcribe.channels import Channels
-from callstream.local.transcribe.codec import exception_event, transcript_event
-from callstream.local.transcribe.errors import ServiceError, service_error_for
-from callstream.local.transcribe.faults import Fault
+from callstream_emulator.transcribe.asgi import Send
+from callstream_emulator.transcribe.body import RequestBody, Signal
+from callstream_emulator.transcribe.channels import Channels
+from callstream_emulator.transcribe.codec import exception_event, transcript_event
+from callstream_emulator.transcribe.errors import ServiceError, service_error_for
+from callstream_emulator.transcribe.faults import Fault
 
 _log = logging.getLogger(__name__)
 

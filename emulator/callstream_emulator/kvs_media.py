@@ -38,17 +38,17 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from callstream.local.faults import EXPIRED_ENDPOINT_ERROR, EXPIRED_ENDPOINT_STATUS, Faults
-from callstream.local.kvs_api import (
+from callstream_emulator.faults import EXPIRED_ENDPOINT_ERROR, EXPIRED_ENDPOINT_STATUS, Faults
+from callstream_emulator.kvs_api import (
     ApiError,
     invalid_argument,
     list_fragments,
     select_fragments,
     start_point,
 )
-from callstream.local.kvs_output import render_fragment, render_head, render_tail
-from callstream.local.kvs_put_media import TIMECODE_TYPES, PutMediaSession
-from callstream.local.kvs_store import COMPLETE, OPEN, FragmentStore, LiveFragment
+from callstream_emulator.kvs_output import render_fragment, render_head, render_tail
+from callstream_emulator.kvs_put_media import TIMECODE_TYPES, PutMediaSession
+from callstream_emulator.kvs_store import COMPLETE, OPEN, FragmentStore, LiveFragment
 
 logger = logging.getLogger(__name__)
 

@@ -23,10 +23,10 @@ from callstream import aws
 from callstream.bus.tail import StreamTail
 from callstream.config import BusSettings, Env
 from callstream.events import CallEnded, TranscriptSegmentProduced
-from callstream.local.emulator import CLEARED_ENV, Emulator
-from callstream.local.processes import REPO_ROOT, ServiceGroup
-from callstream.local.provision import provision
-from callstream.local.simulator import CallPlayer, read_wav_pcm
+from callstream_emulator.emulator import CLEARED_ENV, Emulator
+from callstream_emulator.processes import REPO_ROOT, ServiceGroup
+from callstream_emulator.provision import provision
+from callstream_emulator.simulator import CallPlayer, read_wav_pcm
 from services.ingest.lambda_function import lambda_handler
 
 SAMPLE_DIR = REPO_ROOT / "samples" / "call"

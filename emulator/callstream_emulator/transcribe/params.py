@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from callstream.audio import SAMPLE_RATE
-from callstream.local.transcribe.asgi import Scope
-from callstream.local.transcribe.errors import ServiceError
+from callstream_emulator.transcribe.asgi import Scope
+from callstream_emulator.transcribe.errors import ServiceError
 
 STREAM_PATH = "/stream-transcription"
 PARAM_PREFIX = "x-amzn-transcribe-"

@@ -16,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from callstream.local.kvs_fragmenter import (
+from callstream.mkv.ebml import InvalidEbml
+from callstream_emulator.kvs_fragmenter import (
     ClusterData,
     Fragmenter,
     FragmenterEvent,
@@ -24,8 +25,7 @@ from callstream.local.kvs_fragmenter import (
     MediaFragment,
     TrailingTags,
 )
-from callstream.local.kvs_store import FragmentHead, FragmentStore, LiveFragment, StoredFragment
-from callstream.mkv.ebml import InvalidEbml
+from callstream_emulator.kvs_store import FragmentHead, FragmentStore, LiveFragment, StoredFragment
 
 logger = logging.getLogger(__name__)
 

@@ -31,10 +31,10 @@ stream, and data arriving for a stream it already closed tears down the whole
 connection, with every other stream on it.
 """
 
-from callstream.local.transcribe.errors import EXCEPTION_STATUS
-from callstream.local.transcribe.faults import Fault, StreamRecord
-from callstream.local.transcribe.params import STREAM_PATH
-from callstream.local.transcribe.server import LocalTranscribeServer, ServerAddress
+from callstream_emulator.transcribe.errors import EXCEPTION_STATUS
+from callstream_emulator.transcribe.faults import Fault, StreamRecord
+from callstream_emulator.transcribe.params import STREAM_PATH
+from callstream_emulator.transcribe.server import LocalTranscribeServer, ServerAddress
 
 __all__ = [
     "EXCEPTION_STATUS",

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from callstream import aws
-from callstream.local.kvs_producer import put_media
 from callstream.mkv.writer import ConnectCallWriter
+from callstream_emulator.kvs_producer import put_media
 
 log = logging.getLogger(__name__)
 

@@ -11,9 +11,9 @@ they come, `render_tail` once it is complete.
 
 from __future__ import annotations
 
-from callstream.local.kvs_store import FragmentHead, StoredFragment
 from callstream.mkv.ebml import SEGMENT, UNKNOWN_SIZE, ebml_header, encode_id, encode_size
 from callstream.mkv.ebml import tags_element as _tags
+from callstream_emulator.kvs_store import FragmentHead, StoredFragment
 
 FRAGMENT_NUMBER_TAG = "AWS_KINESISVIDEO_FRAGMENT_NUMBER"
 SERVER_TIMESTAMP_TAG = "AWS_KINESISVIDEO_SERVER_TIMESTAMP"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from callstream.local.kvs_store import FragmentHead, FragmentStore, StoredFragment
+from callstream_emulator.kvs_store import FragmentHead, FragmentStore, StoredFragment
 
 DEFAULT_LIST_LIMIT = 1000
 

@@ -60,10 +60,10 @@ from moto.core.exceptions import JsonRESTError
 from moto.kinesis.exceptions import InvalidArgumentError, ResourceInUseError, ResourceNotFoundError
 from moto.kinesis.models import Consumer, KinesisBackend, Shard, Stream, kinesis_backends
 
-from callstream.local.kinesis_quotas import MAX_RECORDS_PER_GET, MIB, KinesisQuotas
+from callstream_emulator.kinesis_quotas import MAX_RECORDS_PER_GET, MIB, KinesisQuotas
 
 if TYPE_CHECKING:
-    from callstream.local.moto_patches import PatchSet
+    from callstream_emulator.moto_patches import PatchSet
 
 logger = logging.getLogger(__name__)
 
@@ -475,7 +475,7 @@ class FanoutHub:
     def _send(self, subscription: _Subscription, batch: _Batch) -> bytes:
         body: dict[str, Any] = {"Records": batch.records, "MillisBehindLatest": batch.behind_ms}
         if batch.shard_ended:
-            from callstream.local.moto_patches import child_shards
+            from callstream_emulator.moto_patches import child_shards
 
             with self._shard_lock:
                 body["ChildShards"] = child_shards(subscription.stream, subscription.shard.shard_id)

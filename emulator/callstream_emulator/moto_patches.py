@@ -62,11 +62,11 @@ from moto.kinesis.utils import compose_shard_iterator, decompose_shard_iterator
 from moto.kinesisvideo.models import KinesisVideoBackend
 from moto.s3.responses import S3Response
 
-from callstream.local.faults import Faults
-from callstream.local.kinesis_quotas import MAX_BYTES_PER_GET, MAX_RECORDS_PER_GET, KinesisQuotas
+from callstream_emulator.faults import Faults
+from callstream_emulator.kinesis_quotas import MAX_BYTES_PER_GET, MAX_RECORDS_PER_GET, KinesisQuotas
 
 if TYPE_CHECKING:
-    from callstream.local.kinesis_fanout import FanoutHub
+    from callstream_emulator.kinesis_fanout import FanoutHub
 
 logger = logging.getLogger(__name__)
 

@@ -18,11 +18,11 @@ import hypercorn.asyncio
 import hypercorn.config
 
 from callstream.asr.port import SpeechEngine
-from callstream.local.tls import TlsFiles, make_local_tls
-from callstream.local.transcribe.app import TranscribeApp
-from callstream.local.transcribe.faults import Fault, Ledger, StreamRecord
-from callstream.local.transcribe.relay import HOST, Relay
-from callstream.local.transcribe.session import Timing
+from callstream_emulator.tls import TlsFiles, make_local_tls
+from callstream_emulator.transcribe.app import TranscribeApp
+from callstream_emulator.transcribe.faults import Fault, Ledger, StreamRecord
+from callstream_emulator.transcribe.relay import HOST, Relay
+from callstream_emulator.transcribe.session import Timing
 
 _log = logging.getLogger(__name__)
 

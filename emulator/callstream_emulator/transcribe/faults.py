@@ -8,7 +8,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from callstream.local.transcribe.errors import EXCEPTION_STATUS
+from callstream_emulator.transcribe.errors import EXCEPTION_STATUS
 
 
 @dataclass(frozen=True)

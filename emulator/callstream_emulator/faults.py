@@ -48,8 +48,8 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from callstream.local.kinesis_fanout import FanoutSettings
-    from callstream.local.kinesis_quotas import KinesisQuotas
+    from callstream_emulator.kinesis_fanout import FanoutSettings
+    from callstream_emulator.kinesis_quotas import KinesisQuotas
 
 KINESIS_THROTTLED_OPERATIONS = ("PutRecord", "PutRecords", "GetRecords")
 DYNAMODB_THROTTLED_OPERATIONS = (

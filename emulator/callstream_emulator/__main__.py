@@ -1,17 +1,17 @@
-"""`python -m callstream.local`: run the embedded emulator until Ctrl-C / SIGTERM."""
+"""`python -m callstream_emulator`: run the embedded emulator until Ctrl-C / SIGTERM."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 
-from callstream.local.emulator import DEFAULT_REGION, DEFAULT_STATE_FILE, run_forever
+from callstream_emulator.emulator import DEFAULT_REGION, DEFAULT_STATE_FILE, run_forever
 
 
 def main(argv: list[str] | None = None) -> None:
     """Parse options, start the emulator, block until a stop signal."""
     parser = argparse.ArgumentParser(
-        prog="python -m callstream.local",
+        prog="python -m callstream_emulator",
         description="moto (Kinesis, DynamoDB, S3, KVS control plane) + KVS media endpoint "
         "on 127.0.0.1; endpoints are printed and written to the state file.",
     )
