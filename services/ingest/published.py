@@ -20,7 +20,8 @@ from typing import Any
 from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.contract import Contract, default_contract
-from callstream.errors import PoisonRecordError, RetryableError
+from callstream.awserrors import classify, describe
+from callstream.errors import ConfigurationFault, PoisonRecordError, RetryableError
 from callstream.events import Event
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,12 @@ class PublishedEvents:
             for shard_id in shards:
                 events += self._read(shard_id, contact_id, since_ms)
         except (ClientError, BotoCoreError) as e:
-            raise RetryableError(f"cannot read back {self.stream} for {contact_id}: {e}") from e
+            what = f"reading back {self.stream} for {contact_id}"
+            error = classify(e, what=what)
+            if isinstance(error, ConfigurationFault):
+                raise error from e  # the stream is missing or denied: the service stops
+            # Anything else is no fault of a record: the run is tried again later.
+            raise RetryableError(f"cannot finish {what}: {describe(e)}") from e
         return events
 
     def _shards_of(self, key: int) -> list[str]:
