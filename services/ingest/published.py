@@ -19,8 +19,8 @@ from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
 
-from callstream.contract import Contract, default_contract
 from callstream.awserrors import classify, describe
+from callstream.contract import Contract, default_contract
 from callstream.errors import ConfigurationFault, PoisonRecordError, RetryableError
 from callstream.events import Event
 
