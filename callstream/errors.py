@@ -9,6 +9,8 @@ dead-letter its bytes with the reason and move on) and `ConfigurationFault`
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -17,6 +19,26 @@ if TYPE_CHECKING:
 
 class CallstreamError(Exception):
     """Base class of the project's own errors."""
+
+    # Of a failed publish: which of its items the stream stored, in the order given
+    # (see `partly_published`); None when the error does not say.
+    stored: tuple[bool, ...] | None = None
+
+
+def partly_published(error: CallstreamError, stored: Sequence[bool]) -> CallstreamError:
+    """`error` as one caller's publish ended: a copy whose `stored` says which of its items
+    the stream took, so that the caller sends only the others again (no repeats)."""
+    mine = copy.copy(error)
+    mine.stored = tuple(stored)
+    return mine
+
+
+def stored_of(error: BaseException, count: int) -> tuple[bool, ...]:
+    """Which of a failed publish's `count` items were stored; none if the error does not say."""
+    stored = getattr(error, "stored", None)
+    if isinstance(stored, tuple) and len(stored) == count:
+        return stored
+    return (False,) * count
 
 
 class ConfigError(CallstreamError):

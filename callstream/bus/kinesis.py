@@ -33,7 +33,9 @@ Nothing is dropped silently. A publish one of whose records is refused
 after `deadline_s` raises `StoreUnavailable` (the caller does not
 checkpoint, so its input is replayed; a deadline of 0 gives up at the first
 refusal), and so does every publish queued behind it on one of its keys
-(sending those would put them before the missing record). Errors no retry
+(sending those would put them before the missing record); the error then
+says which of the caller's records were stored (`errors.stored_of`), so it
+resends only the others and the stream carries no repeats. Errors no retry
 mends are raised at once, classified by `callstream.awserrors`:
 `ConfigurationFault` (a missing stream, access denied, the stream's KMS key
 denied or disabled, also as a per-entry error code) or `PoisonRecordError`
@@ -55,7 +57,13 @@ from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.awserrors import Outcome, classify, outcome_of_code
 from callstream.contract import Contract, default_contract
-from callstream.errors import CallstreamError, ConfigurationFault, RetryableError, StoreUnavailable
+from callstream.errors import (
+    CallstreamError,
+    ConfigurationFault,
+    RetryableError,
+    StoreUnavailable,
+    partly_published,
+)
 from callstream.events import Event, partition_key
 
 log = logging.getLogger(__name__)
@@ -136,7 +144,8 @@ class KinesisPublisher:
                 while mine.entries and mine.error is None and self._sending:
                     self._cond.wait()
                 if mine.error is not None:
-                    raise mine.error
+                    stored = [entry.stored for entry in entries]
+                    raise partly_published(mine.error, stored) if any(stored) else mine.error
                 if not mine.entries:
                     return
                 self._sending = True

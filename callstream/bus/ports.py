@@ -26,7 +26,10 @@ class EventSink(Protocol):
     stream: str
 
     def publish(self, events: Sequence[Event]) -> None:
-        """Durably publish all events or raise; order per contact is kept by sequence fields."""
+        """Durably publish all events or raise; order per contact is kept by sequence fields.
+
+        A raised error may say which events were stored nonetheless
+        (`callstream.errors.stored_of`): the caller resends only the others."""
 
 
 class RawSink(Protocol):

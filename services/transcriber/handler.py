@@ -40,6 +40,7 @@ from typing import Any
 
 from callstream.asr.port import SpeechEngine
 from callstream.bus.ports import EventSink, Record
+from callstream.errors import CallstreamError, stored_of
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,
@@ -174,19 +175,29 @@ class TranscriberHandler:
     def _publish(self, call: CallTranscription, events: list[Event]) -> None:
         """Publish the call's outbox with `events` appended; then save and retire.
 
-        A failed publish raises with the outbox intact: the retry publishes it
-        first, and the core (which has moved on) is never asked again."""
+        A failed publish raises with the outbox kept, less what the stream says it
+        stored: the retry publishes the rest first (repeating nothing), and the core
+        (which has moved on) is never asked again."""
         box = self.outbox.setdefault(call.contact_id, [])
         box.extend(events)
-        if box:
-            self.sink.publish(box)
-            published, self.outbox[call.contact_id] = box, []
-        else:
-            published = []
         records = self.records.get(call.contact_id)
-        if records is not None and any(
-            isinstance(e, TranscriptSegmentProduced) and not e.is_partial for e in published
-        ):
+        published: list[Event] = []
+        if box:
+            try:
+                self.sink.publish(box)
+            except CallstreamError as e:
+                # What the stream took of it leaves the outbox: the retry repeats nothing.
+                stored = stored_of(e, len(box))
+                self.outbox[call.contact_id] = [
+                    ev for ev, s in zip(box, stored, strict=True) if not s
+                ]
+                if records is not None and any(
+                    _final(ev) for ev, s in zip(box, stored, strict=True) if s
+                ):
+                    records.save_pending = True
+                raise
+            published, self.outbox[call.contact_id] = box, []
+        if records is not None and any(_final(e) for e in published):
             records.save_pending = True
         if records is not None and records.save_pending:
             self._save(call, due_only=True)
@@ -232,3 +243,7 @@ def _version(state: dict[str, Any]) -> int:
     """Grows with every new final and once more when the call is done."""
     committed = sum(t["committed_ms"] + t["resume_sequence"] for t in state["tracks"].values())
     return 1 + 4 * committed + 2 * int(state["done"])
+
+
+def _final(event: Event) -> bool:
+    return isinstance(event, TranscriptSegmentProduced) and not event.is_partial

@@ -19,7 +19,7 @@ from botocore.exceptions import ClientError
 
 from callstream.bus import kinesis
 from callstream.bus.kinesis import KinesisPublisher
-from callstream.errors import ConfigurationFault, PoisonRecordError, StoreUnavailable
+from callstream.errors import ConfigurationFault, PoisonRecordError, StoreUnavailable, stored_of
 
 THROTTLED = "ProvisionedThroughputExceededException"
 Refuse = Callable[[str, bytes], str | None]  # (key, data) -> an error code, or None to store
@@ -55,6 +55,9 @@ class _Shard:
 
     def of(self, key: str) -> list[bytes]:
         return [data for k, data in self.stored if k == key]
+
+    def stored_sorted(self) -> list[tuple[str, bytes]]:
+        return sorted(self.stored)
 
 
 @pytest.fixture(autouse=True)
@@ -208,3 +211,27 @@ def test_a_zero_deadline_gives_up_at_the_first_refusal_only() -> None:
     with pytest.raises(StoreUnavailable, match="1 records not accepted"):
         publisher.put_raw(_items("b", 2))
     assert shard.of("b") == [b"b-0000"]
+
+
+def test_a_failed_publish_says_which_of_its_records_were_stored() -> None:
+    # Keys a and b share requests; b's third record is refused at a deadline of 0.
+    shard = _Shard(lambda key, data: THROTTLED if data == b"b-0002" else None)
+    publisher = KinesisPublisher(shard, "audio", deadline_s=0)
+    items = [*_items("a", 4), *_items("b", 4)]
+    with pytest.raises(StoreUnavailable) as raised:
+        publisher.put_raw(items)
+    stored = stored_of(raised.value, len(items))
+    assert [item for item, s in zip(items, stored, strict=True) if s] == shard.stored_sorted()
+    assert stored == (True,) * 4 + (True, True, False, False)
+    # Sending the others again completes the publish with no record twice.
+    shard.refuse = lambda key, data: None
+    publisher.put_raw([item for item, s in zip(items, stored, strict=True) if not s])
+    assert sorted(shard.stored) == sorted(items)
+
+
+def test_a_failed_publish_with_nothing_stored_says_nothing() -> None:
+    shard = _Shard(lambda key, data: THROTTLED)
+    with pytest.raises(StoreUnavailable) as raised:
+        KinesisPublisher(shard, "audio", deadline_s=0).put_raw(_items("a", 2))
+    assert raised.value.stored is None
+    assert stored_of(raised.value, 2) == (False, False)

@@ -18,9 +18,11 @@ from effect_faults import MODES, Faults, FaultyProgress, FaultySink, FaultySourc
 from effect_faults import retried as _retried
 from test_transcriber_recovery import BurstEngine, C, Clock, chunks, speech, truth
 
+from callstream.asr.port import Hypothesis, RecognitionStream
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
+from callstream.bus.ports import EventSink
 from callstream.contract import default_contract
-from callstream.errors import StoreUnavailable
+from callstream.errors import StoreUnavailable, partly_published
 from callstream.events import (
     AudioChunkCaptured,
     CallEnded,
@@ -301,3 +303,93 @@ def _run_limited(world: World, limit: int) -> None:
         loop.process([record])
         handler.tick()
         loop.checkpoint()
+
+
+class StoresHalf:
+    """A sink whose publishes of two or more events store their first half and then fail,
+    saying so (as `KinesisPublisher` does when a later record is refused)."""
+
+    def __init__(self, inner: MemoryPublisher) -> None:
+        self.inner, self.stream, self.cut = inner, inner.stream, 0
+
+    def publish(self, events: list[Event]) -> None:
+        if len(events) < 2:
+            self.inner.publish(events)
+            return
+        half = len(events) // 2
+        self.inner.publish(events[:half])
+        self.cut += 1
+        stored = [True] * half + [False] * (len(events) - half)
+        raise partly_published(StoreUnavailable("a later record refused"), stored)
+
+
+class Batching:
+    """The burst double with results held back and handed out every 40th poll, as
+    Transcribe hands several results at once: the core then emits several events."""
+
+    name = "batching-burst-test-double"
+
+    def __init__(self, inner: BurstEngine) -> None:
+        self.inner = inner
+
+    def open_stream(self, *, contact_id: str, track: str, language: str) -> _Held:
+        return _Held(self.inner.open_stream(contact_id=contact_id, track=track, language=language))
+
+
+class _Held:
+    def __init__(self, inner: RecognitionStream) -> None:
+        self.inner, self.held, self.polls = inner, list[Hypothesis](), 0
+
+    def send(self, pcm: bytes) -> None:
+        self.inner.send(pcm)
+
+    def poll(self) -> list[Hypothesis]:
+        self.held += self.inner.poll()
+        self.polls += 1
+        if self.polls % 40:
+            return []
+        out, self.held = self.held, []
+        return out
+
+    def close(self) -> list[Hypothesis]:
+        out, self.held = self.held + self.inner.close(), []
+        return out
+
+
+def _run_batching(world: World, sink: EventSink) -> None:
+    clock = Clock()
+    handler = TranscriberHandler(
+        Batching(BurstEngine(clock)), sink, "en-US", clock=lambda: clock.now, progress=world.store
+    )
+    loop = ServiceLoop(
+        "transcriber",
+        MemorySource(world.audio, world.checkpoints),
+        handler,
+        MemoryPublisher(world.letters),
+    )
+    for record in loop.source.poll():
+        clock.now += 0.128
+        loop.process([record])
+        _retried(handler.tick)
+        loop.checkpoint()
+    for _ in range(40):
+        clock.now += 0.5
+        _retried(handler.tick)
+        loop.checkpoint()
+
+
+def test_a_publish_that_stored_part_of_the_outbox_is_finished_without_repeats() -> None:
+    reference = World(MemoryStream("audio"))
+    total = two_track_call(reference.audio)
+    _run_batching(reference, MemoryPublisher(reference.out))
+    assert len(finals(reference.events())) == 2 * WORDS
+
+    world = World(MemoryStream("audio"))
+    two_track_call(world.audio)
+    sink = StoresHalf(MemoryPublisher(world.out))
+    _run_batching(world, sink)
+    assert sink.cut >= 3  # several publishes were cut in two
+    assert world.events() == reference.events()  # the same stream: nothing twice, nothing lost
+    assert world.checkpoints[SHARD] == (str(total), False)
+    saved = world.store.load(C)
+    assert saved is not None and saved["done"]
