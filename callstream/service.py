@@ -119,8 +119,19 @@ def record_source(
     return KinesisSource(reads, leases, reader=reader, **common)
 
 
-def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -> None:
-    """Consume `stream` with `handler` until SIGTERM/SIGINT."""
+def run_service(
+    service: str,
+    bus: BusSettings,
+    stream: str,
+    handler: Handler,
+    metrics: Metrics | None = None,
+) -> None:
+    """Consume `stream` with `handler` until SIGTERM/SIGINT.
+
+    `metrics`: the set the handler counts into, made by `start_observability`, so that
+    the loop's counters and the handler's are one set (one /metrics, one EMF line); by
+    default the loop makes its own. Readiness (/readyz) is "holds a shard" either way;
+    the set is stopped when the loop ends."""
     kinesis = aws.client("kinesis", bus.region)
     lease_duration = load_settings(lease_ms)
     # Its own client: a renewal answers within a lease or fails (then the fence acts).
@@ -129,7 +140,10 @@ def run_service(service: str, bus: BusSettings, stream: str, handler: Handler) -
     ensure_stream(kinesis, stream)
     ensure_stream(kinesis, bus.deadletter_stream)
     loop: ServiceLoop | None = None
-    metrics = start_observability(service, ready=lambda: bool(source.held_shards))
+    if metrics is None:
+        metrics = start_observability(service, ready=lambda: bool(source.held_shards))
+    elif metrics.health is not None:
+        metrics.health.ready = lambda: bool(source.held_shards)
     try:
         source = record_source(
             service,

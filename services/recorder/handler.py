@@ -37,7 +37,6 @@ each effect in turn use that: one order of effects).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import threading
 import time
@@ -53,7 +52,7 @@ from callstream.bus.ports import EventSink, Record
 from callstream.clock import backoff_delays
 from callstream.errors import PoisonRecordError, RetryableError
 from callstream.events import AudioChunkCaptured, CallEnded, Event, Track
-from callstream.metrics import Metrics, start_observability
+from callstream.metrics import Metrics
 from callstream.progress import ProgressStore
 from services.recorder.adapters import S3Recordings, UploadGone
 from services.recorder.core import (
@@ -635,14 +634,3 @@ def _expected_keys(plan: Plan, contact_id: str, start_ms: int, counts: dict[str,
     if Layout.PER_TRACK in plan.formats:
         keys += [recording_key(plan.key_prefix, contact_id, start_ms, t) for t in tracks]
     return keys
-
-
-def handler_metrics() -> Metrics:
-    """The recorder's own counters (stored, skipped, failed, parts).
-
-    `run_service` keeps its metrics to itself, so these are a second set: in
-    EMF mode (on AWS) they are flushed as their own lines under the same
-    namespace and Service; without the health port, which the loop's set serves.
-    """
-    environ = {k: v for k, v in os.environ.items() if k != "CALLSTREAM_HEALTH_PORT"}
-    return start_observability("recorder", environ=environ)

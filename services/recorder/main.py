@@ -16,9 +16,10 @@ from __future__ import annotations
 from callstream import aws
 from callstream import log as logsetup
 from callstream.bus.kinesis import KinesisPublisher
+from callstream.metrics import start_observability
 from callstream.progress import DynamoProgress
 from callstream.service import ensure_stream, load_settings, run_service
-from services.recorder.handler import RecorderHandler, handler_metrics
+from services.recorder.handler import RecorderHandler
 from services.recorder.settings import RecorderSettings
 
 __all__ = ["RecorderHandler", "main"]
@@ -31,7 +32,7 @@ def main() -> None:
     bus = settings.bus
     kinesis = aws.client("kinesis", bus.region)
     ensure_stream(kinesis, settings.recordings_stream)
-    metrics = handler_metrics()
+    metrics = start_observability("recorder")  # the loop's counters and the recorder's
     handler = RecorderHandler(
         settings,
         aws.client("s3", bus.region),
@@ -42,10 +43,7 @@ def main() -> None:
         metrics=metrics,
         upload_workers=settings.upload_workers,
     )
-    try:
-        run_service("recorder", bus, bus.audio_stream, handler)
-    finally:
-        metrics.stop()
+    run_service("recorder", bus, bus.audio_stream, handler, metrics=metrics)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ stores nothing. The live view's board shows what the recordings stream says.
 from __future__ import annotations
 
 import random
+import socket
 import time
+import urllib.request
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -57,8 +59,19 @@ def stack(emulator: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[d
     provision(env)
     ensure_stream(aws.client("kinesis", env["APP_REGION"]), RECORDINGS)  # not in provision()
     group = ServiceGroup(env, workdir / "logs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        health_port = s.getsockname()[1]
+    group.overrides["recorder"] = {
+        "CALLSTREAM_HEALTH_PORT": str(health_port),
+        "CALLSTREAM_METRICS": "prometheus",
+    }
     group.start(names=("ingest", "recorder"))
-    yield {**env, "RECORDER_LOG": str(workdir / "logs" / "recorder-0.log")}
+    yield {
+        **env,
+        "RECORDER_LOG": str(workdir / "logs" / "recorder-0.log"),
+        "RECORDER_HEALTH": f"http://127.0.0.1:{health_port}",
+    }
     group.stop()
     patches.revert()
     for process in group.processes:
@@ -274,3 +287,19 @@ def _tracks() -> list[Any]:
     from callstream.events import Track
 
     return [Track.FROM_CUSTOMER, Track.TO_CUSTOMER]
+
+
+def test_the_recorders_counters_and_the_loops_are_one_metrics_endpoint(
+    stack: dict[str, str],
+) -> None:
+    customer, agent = noise(3.0, 41), noise(3.0, 42)
+    contact, _ = play(stack, customer, agent)
+    announced(stack, contact, 3, timeout_s=90)
+    with urllib.request.urlopen(stack["RECORDER_HEALTH"] + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    with urllib.request.urlopen(stack["RECORDER_HEALTH"] + "/readyz", timeout=5) as response:
+        assert response.status == 200  # it holds the audio stream's shard
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1].isalpha()}
+    # The loop's counters and the recorder's own, on one endpoint.
+    loops, recorders = "callstream_records_processed_total", "callstream_recordings_stored_total"
+    assert {loops, recorders} <= names, names
