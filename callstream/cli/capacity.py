@@ -23,6 +23,8 @@ import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE
+
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 
@@ -47,7 +49,7 @@ INGEST_PROGRESS_WRITES_PER_CALL_S = 63 / 60  # docs/ingest.md: 63 items for a 60
 INGEST_CALLS_PER_VCPU = 580  # README: 0.17 % of a core per call (200 calls, real time)
 INGEST_CALLS_PER_TASK = 200  # CALLSTREAM_MAX_CALLS default
 OFFLINE_TRACKS_PER_VCPU = 6  # README: 12 live tracks per 2-core transcriber, partials on
-WAV_BYTES_PER_CALL_S = 8000 * 2 * 2  # stereo 16-bit 8 kHz (RECORDINGS_FORMAT=stereo)
+WAV_BYTES_PER_CALL_S = SAMPLE_RATE * BYTES_PER_SAMPLE * 2  # stereo (RECORDINGS_FORMAT=stereo)
 S3_PART_BYTES = 5 * MIB  # the recorder's multipart parts
 S3_PUTS_PER_CALL = 4  # CreateMultipartUpload, head object, part 1 with the header, Complete
 S3_GETS_PER_CALL = 1  # the head read back before part 1 is uploaded

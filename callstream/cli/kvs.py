@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE
 from callstream.cli.common import CliError, aws_client, aws_options
 
 # The package's name, not __name__: the warning keeps the logger name it always had on stderr.
@@ -84,8 +85,8 @@ class TrackFiles:
         if self.fmt == "wav":
             handle = wave.open(str(self._path(track)), "wb")  # noqa: SIM115 (closed in close())
             handle.setnchannels(1)
-            handle.setsampwidth(2)
-            handle.setframerate(8000)
+            handle.setsampwidth(BYTES_PER_SAMPLE)
+            handle.setframerate(SAMPLE_RATE)
         else:
             handle = self._path(track).open("wb")
         self._open[track] = handle

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from callstream.audio import BYTES_PER_SAMPLE, SAMPLE_RATE
 from callstream.cli.common import CliError, aws_client, aws_options, bus_settings
 
 
@@ -82,7 +83,7 @@ def _wav_tracks(path: Path, agent_path: Path | None) -> tuple[bytes, bytes]:
     with wave.open(str(path), "rb") as wav:
         channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
         frames = wav.readframes(wav.getnframes())
-    if width != 2 or rate != 8000 or channels not in (1, 2):
+    if width != BYTES_PER_SAMPLE or rate != SAMPLE_RATE or channels not in (1, 2):
         raise CliError(f"{path} must be 8 kHz 16-bit mono or stereo, is {channels}ch {rate} Hz")
     if channels == 2:
         samples = np.frombuffer(frames, dtype="<i2").reshape(-1, 2)
