@@ -32,8 +32,8 @@ import ebmlite
 import numpy as np
 
 from callstream.audio import SAMPLE_RATE
-from callstream.mkv.events import FrameRead
 from callstream.mkv.reader import MkvStreamReader
+from callstream.mkv.reports import FrameRead
 from callstream.mkv.writer import ConnectCallWriter, write_connect_call
 
 CHUNK = 64 * 1024

@@ -8,7 +8,8 @@ Connect's exact fragment layout; `ebml` holds the element IDs and the
 variable-length-integer primitives both use.
 """
 
-from callstream.mkv.events import (
+from callstream.mkv.reader import MkvStreamReader
+from callstream.mkv.reports import (
     ClusterEnded,
     ClusterStarted,
     FrameRead,
@@ -19,7 +20,6 @@ from callstream.mkv.events import (
     TrackInfo,
     TracksRead,
 )
-from callstream.mkv.reader import MkvStreamReader
 from callstream.mkv.writer import ConnectCallWriter, ConnectTrackLayout, write_connect_call
 
 __all__ = [

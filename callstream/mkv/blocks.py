@@ -11,9 +11,9 @@ import struct
 from collections.abc import Callable
 
 from callstream.mkv.ebml import InvalidEbml, NeedMoreData, read_size
-from callstream.mkv.events import FrameRead, MkvEvent, slot_setters
 from callstream.mkv.framing import Corrupt
 from callstream.mkv.lacing import LACING_MASK, lace_ranges
+from callstream.mkv.reports import FrameRead, MkvEvent, slot_setters
 
 _FRAME_SETTERS = slot_setters(FrameRead)
 # A SimpleBlock's element header and block header, as KVS writes them: ID A3,

@@ -27,7 +27,7 @@ from callstream.mkv.ebml import (
     read_id,
     read_size,
 )
-from callstream.mkv.events import StreamError
+from callstream.mkv.reports import StreamError
 
 NO_END = -1
 # Where each element may appear; other IDs there mean corruption. Unknown-size

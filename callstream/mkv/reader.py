@@ -53,15 +53,6 @@ from callstream.mkv.ebml import (
     element_name,
     read_element_header,
 )
-from callstream.mkv.events import (
-    ClusterEnded,
-    ClusterStarted,
-    MkvEvent,
-    SegmentStarted,
-    StreamError,
-    TrackInfo,
-    TracksRead,
-)
 from callstream.mkv.framing import (
     CLOSES_UNKNOWN,
     NO_END,
@@ -75,6 +66,15 @@ from callstream.mkv.framing import (
     cut_skipped,
 )
 from callstream.mkv.replay import CACHE_MAX_BYTES, ReplayCache
+from callstream.mkv.reports import (
+    ClusterEnded,
+    ClusterStarted,
+    MkvEvent,
+    SegmentStarted,
+    StreamError,
+    TrackInfo,
+    TracksRead,
+)
 from callstream.mkv.resync import next_header
 from callstream.mkv.tracks import TagCollector, TrackCollector, collect_tags, tags_read
 

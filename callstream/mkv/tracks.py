@@ -20,8 +20,8 @@ from callstream.mkv.ebml import (
     TRACK_NUMBER,
     TRACK_UID,
 )
-from callstream.mkv.events import TagsRead, TrackInfo, slot_setters
 from callstream.mkv.framing import Corrupt, child_header
+from callstream.mkv.reports import TagsRead, TrackInfo, slot_setters
 
 _SET_TAGS, _SET_TAGS_OFFSET = slot_setters(TagsRead)
 _FLOAT_FORMATS = {0: None, 4: ">f", 8: ">d"}

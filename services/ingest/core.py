@@ -47,7 +47,7 @@ from callstream.events import (
     Event,
     Track,
 )
-from callstream.mkv.events import (
+from callstream.mkv.reports import (
     ClusterEnded,
     ClusterStarted,
     FrameRead,

@@ -52,8 +52,8 @@ from typing import Any, Protocol
 from callstream.bus.ports import EventSink
 from callstream.errors import MediaStreamError, RetryableError
 from callstream.events import CallEnded, CallStarted, EndReason, Event, Track
-from callstream.mkv.events import ClusterEnded, StreamError
 from callstream.mkv.reader import MkvStreamReader
+from callstream.mkv.reports import ClusterEnded, StreamError
 from services.ingest.core import CallIngest
 from services.ingest.media import EndpointExpired, ReadStalled, iter_s3_object
 from services.ingest.ownership import CallOwnership

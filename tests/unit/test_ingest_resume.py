@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from callstream.events import AudioChunkCaptured, CallEnded, CallStarted, EndReason, Event, Track
-from callstream.mkv.events import ClusterEnded, TagsRead
 from callstream.mkv.reader import MkvStreamReader
+from callstream.mkv.reports import ClusterEnded, TagsRead
 from callstream.mkv.writer import ConnectCallWriter
 from services.ingest.core import CallIngest, advance
 

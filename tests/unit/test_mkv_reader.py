@@ -16,7 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from callstream.mkv import ebml as E
-from callstream.mkv.events import (
+from callstream.mkv.reader import MkvStreamReader
+from callstream.mkv.reports import (
     ClusterEnded,
     ClusterStarted,
     FrameRead,
@@ -26,7 +27,6 @@ from callstream.mkv.events import (
     TagsRead,
     TracksRead,
 )
-from callstream.mkv.reader import MkvStreamReader
 from callstream.mkv.writer import ConnectCallWriter, write_connect_call
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared/fixtures/kvs"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from callstream.mkv.events import ClusterStarted, FrameRead, MkvEvent, StreamError, TagsRead
 from callstream.mkv.reader import MkvStreamReader
+from callstream.mkv.reports import ClusterStarted, FrameRead, MkvEvent, StreamError, TagsRead
 from callstream.mkv.writer import (
     AUDIO_FROM_CUSTOMER,
     AUDIO_TO_CUSTOMER,
