@@ -11,14 +11,14 @@ compared with an undisturbed run's.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import pytest
 from effect_faults import MODES, Faults, FaultyProgress, FaultySink, FaultySource, until_done
 from effect_faults import retried as _retried
 from test_transcriber_recovery import BurstEngine, C, Clock, chunks, speech, truth
 
-from callstream.asr.port import Hypothesis, RecognitionStream
+from callstream.asr.port import Hypothesis, RecognitionStream, SpeechEngine
 from callstream.bus.memory import MemoryPublisher, MemorySource, MemoryStream
 from callstream.bus.ports import EventSink
 from callstream.contract import default_contract
@@ -201,20 +201,24 @@ class FailOnce:
     def __init__(self, inner: MemoryPublisher, matches: Callable[[Event], bool]) -> None:
         self.inner, self.stream, self.matches, self.failed = inner, inner.stream, matches, False
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         if not self.failed and any(self.matches(e) for e in events):
             self.failed = True
             raise StoreUnavailable("PutRecords throttled past its deadline")
         self.inner.publish(events)
 
 
-def test_a_failed_publish_of_the_last_final_and_call_ended_is_published_on_retry() -> None:
-    world = World(MemoryStream("audio"))
-    total = two_track_call(world.audio)
+def drive(
+    world: World,
+    sink: EventSink,
+    engine: Callable[[Clock], SpeechEngine],
+    settle_ticks: int = 0,
+) -> None:
+    """One instance with the progress store, no fault harness: every record in turn
+    (each tick retried until it passes), then `settle_ticks` ticks half a second apart."""
     clock = Clock()
-    sink = FailOnce(MemoryPublisher(world.out), lambda e: isinstance(e, CallEnded))
     handler = TranscriberHandler(
-        BurstEngine(clock), sink, "en-US", clock=lambda: clock.now, progress=world.store
+        engine(clock), sink, "en-US", clock=lambda: clock.now, progress=world.store
     )
     loop = ServiceLoop(
         "transcriber",
@@ -227,6 +231,17 @@ def test_a_failed_publish_of_the_last_final_and_call_ended_is_published_on_retry
         loop.process([record])
         _retried(handler.tick)
         loop.checkpoint()
+    for _ in range(settle_ticks):
+        clock.now += 0.5
+        _retried(handler.tick)
+        loop.checkpoint()
+
+
+def test_a_failed_publish_of_the_last_final_and_call_ended_is_published_on_retry() -> None:
+    world = World(MemoryStream("audio"))
+    total = two_track_call(world.audio)
+    sink = FailOnce(MemoryPublisher(world.out), lambda e: isinstance(e, CallEnded))
+    drive(world, sink, BurstEngine)
     assert sink.failed
     events = world.events()
     assert [type(e) for e in events].count(CallEnded) == 1
@@ -312,7 +327,7 @@ class StoresHalf:
     def __init__(self, inner: MemoryPublisher) -> None:
         self.inner, self.stream, self.cut = inner, inner.stream, 0
 
-    def publish(self, events: list[Event]) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         if len(events) < 2:
             self.inner.publish(events)
             return
@@ -336,6 +351,10 @@ class Batching:
         return _Held(self.inner.open_stream(contact_id=contact_id, track=track, language=language))
 
 
+def _batching(clock: Clock) -> SpeechEngine:
+    return Batching(BurstEngine(clock))
+
+
 class _Held:
     def __init__(self, inner: RecognitionStream) -> None:
         self.inner, self.held, self.polls = inner, list[Hypothesis](), 0
@@ -356,38 +375,16 @@ class _Held:
         return out
 
 
-def _run_batching(world: World, sink: EventSink) -> None:
-    clock = Clock()
-    handler = TranscriberHandler(
-        Batching(BurstEngine(clock)), sink, "en-US", clock=lambda: clock.now, progress=world.store
-    )
-    loop = ServiceLoop(
-        "transcriber",
-        MemorySource(world.audio, world.checkpoints),
-        handler,
-        MemoryPublisher(world.letters),
-    )
-    for record in loop.source.poll():
-        clock.now += 0.128
-        loop.process([record])
-        _retried(handler.tick)
-        loop.checkpoint()
-    for _ in range(40):
-        clock.now += 0.5
-        _retried(handler.tick)
-        loop.checkpoint()
-
-
 def test_a_publish_that_stored_part_of_the_outbox_is_finished_without_repeats() -> None:
     reference = World(MemoryStream("audio"))
     total = two_track_call(reference.audio)
-    _run_batching(reference, MemoryPublisher(reference.out))
+    drive(reference, MemoryPublisher(reference.out), _batching, settle_ticks=40)
     assert len(finals(reference.events())) == 2 * WORDS
 
     world = World(MemoryStream("audio"))
     two_track_call(world.audio)
     sink = StoresHalf(MemoryPublisher(world.out))
-    _run_batching(world, sink)
+    drive(world, sink, _batching, settle_ticks=40)
     assert sink.cut >= 3  # several publishes were cut in two
     assert world.events() == reference.events()  # the same stream: nothing twice, nothing lost
     assert world.checkpoints[SHARD] == (str(total), False)
