@@ -9,6 +9,7 @@ contact; `tail`, `calls` and `deadletters list` over events put on the streams.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -96,6 +97,32 @@ def test_local_down_stops_the_emulator_local_up_started(tmp_path: Path) -> None:
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_the_emulators_console_script_serves_until_sigterm(tmp_path: Path) -> None:
+    # `callstream-emulator`, the script emulator/pyproject.toml installs.
+    script = Path(sys.executable).parent / "callstream-emulator"
+    assert script.is_file(), "the emulator distribution is not installed (make setup)"
+    state = tmp_path / "state.json"
+    process = subprocess.Popen(
+        [str(script), "--port", "0", "--media-port", "0", "--state-file", str(state)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not state.exists():
+            assert process.poll() is None, "callstream-emulator exited"
+            assert time.monotonic() < deadline, "callstream-emulator wrote no state file"
+            time.sleep(0.1)
+        assert json.loads(state.read_text())["pid"] == process.pid
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        assert not state.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_replayed_wav_is_triggered_and_dumps_back_byte_for_byte(
