@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         finally:
             group.stop()
         repeated = h.repeated_audio(env, {c.contact_id for c in calls})
+        repeated_transcripts = h.repeated_transcripts(env, {c.contact_id for c in calls})
         failed = h.failed_publishes(group)
     print(f"calls {args.calls} ({args.transcribed} transcribed), instances {args.instances}")
     if args.combined:
@@ -94,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"row mismatches: {json.dumps(result.row_mismatches, default=str) or 'none'}")
     print(f"dead letters: {result.dead_letters or 'none'}")
     print(f"repeated on the audio stream (contact, track, sequence): {repeated or 'none'}")
+    print(f"records repeated on the transcripts stream: {repeated_transcripts}")
     print(f"checkpoints short of the stream's end: {lagging or 'none'}")
     lost = result.wav_mismatches or result.row_mismatches or result.dead_letters or lagging
     if not args.combined:  # throttled publishes may repeat a record: counted, not a loss

@@ -363,6 +363,25 @@ def repeated_audio(env: dict[str, str], contact_ids: set[str]) -> dict[str, Any]
     return {f"{c}/{t}/{s}": n for (c, t, s), n in seen.items() if n > 1}
 
 
+def repeated_transcripts(env: dict[str, str], contact_ids: set[str]) -> int:
+    """Transcripts-stream records of these calls that repeat an earlier one exactly.
+
+    Counted, not a loss: a kill between a publish and its checkpoint replays it
+    (consumers dedupe by id). A partly stored publish no longer adds any."""
+    from collections import Counter
+
+    from callstream.bus.tail import StreamTail
+
+    kinesis = aws.client("kinesis", env["APP_REGION"])
+    seen: Counter[str] = Counter()
+    tail = StreamTail(kinesis, env["CALLSTREAM_TRANSCRIPTS_STREAM"])
+    while batch := tail.poll():
+        for event in batch:
+            if getattr(event, "contact_id", None) in contact_ids:
+                seen[repr(event)] += 1
+    return sum(n - 1 for n in seen.values())
+
+
 def quiet(env: dict[str, str], seconds: float = 3.0) -> None:
     """Wait until the transcripts stream has had no new records for `seconds`."""
     from callstream.bus.tail import StreamTail
