@@ -213,7 +213,7 @@ class TimedSink:
 
 def expected_wav_crc(calls: Calls, call: int) -> tuple[int, int]:
     """(CRC32, bytes) of the stereo WAV the call must give."""
-    from services.recorder.core import interleave, wav_header
+    from services.recorder.wav import interleave, wav_header
 
     pcm_bytes = calls.chunks * CHUNK * 2
     crc = zlib.crc32(wav_header(pcm_bytes, channels=2))

@@ -26,7 +26,7 @@ from boto3.exceptions import Boto3Error
 from botocore.exceptions import BotoCoreError, ClientError
 
 from callstream.awserrors import classify, error_code
-from services.recorder.core import checksum_b64
+from services.recorder.wav import checksum_b64
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

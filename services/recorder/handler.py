@@ -72,11 +72,11 @@ from services.recorder.core import (
     UploadFirstPart,
     UploadPart,
     UploadWav,
-    interleave,
     recording_key,
 )
 from services.recorder.settings import RecorderSettings
 from services.recorder.spool import Spool
+from services.recorder.wav import interleave
 
 log = logging.getLogger(__name__)
 _DONE_MEMORY = 10_000

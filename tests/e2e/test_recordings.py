@@ -40,7 +40,7 @@ from callstream_emulator.processes import ServiceGroup
 from callstream_emulator.provision import provision
 from callstream_emulator.simulator import ensure_kvs_stream
 from services.ingest.lambda_function import lambda_handler
-from services.recorder.core import checksum_b64
+from services.recorder.wav import checksum_b64
 
 pytestmark = pytest.mark.integration
 FRAGMENT = 16384  # PCM bytes per track in one Connect fragment (1.024 s)

@@ -36,9 +36,9 @@ from callstream.progress import MemoryProgress
 from callstream.runtime import ServiceLoop
 from callstream_emulator import s3_recordings
 from callstream_emulator.emulator import Emulator
-from services.recorder.core import checksum_b64
 from services.recorder.handler import RecorderHandler
 from services.recorder.settings import RecorderSettings
+from services.recorder.wav import checksum_b64
 
 pytestmark = pytest.mark.integration
 CHUNK = 2048

@@ -44,9 +44,9 @@ from callstream.events import (
 from callstream.progress import DynamoProgress
 from callstream.runtime import ServiceLoop
 from callstream_emulator import s3_recordings
-from services.recorder.core import checksum_b64
 from services.recorder.handler import RecorderHandler
 from services.recorder.settings import RecorderSettings
+from services.recorder.wav import checksum_b64
 
 pytestmark = pytest.mark.integration
 CHUNK = 2048  # 128 ms

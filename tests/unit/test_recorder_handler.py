@@ -39,9 +39,9 @@ from callstream.events import (
 from callstream.metrics import Metrics
 from callstream.progress import MemoryProgress
 from callstream.runtime import ServiceLoop
-from services.recorder.core import checksum_b64
 from services.recorder.handler import RECORDINGS_SKIPPED, RecorderHandler
 from services.recorder.settings import RecorderSettings
+from services.recorder.wav import checksum_b64
 
 BUCKET = "recordings"
 PART = 64 * 1024  # 2 s of stereo: the double's part floor is lowered to it

@@ -15,7 +15,8 @@ from callstream.events import (
     TranscriptSegmentProduced,
 )
 from services.persister.core import RowPolicy, rows_for
-from services.recorder.core import CallRecording, wav_header
+from services.recorder.core import CallRecording
+from services.recorder.wav import wav_header
 from services.transcriber.core import CallTranscription
 
 C = "contact-1"
