@@ -54,10 +54,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from callstream import aws  # noqa: E402
-from callstream.bus.consumer import KinesisSource, PollingReader, read_interval_s  # noqa: E402
+from callstream.bus.consumer import KinesisSource  # noqa: E402
 from callstream.bus.fanout import FanOutSource, register_consumer  # noqa: E402
 from callstream.bus.kinesis import KinesisPublisher  # noqa: E402
 from callstream.bus.leases import LeaseTable  # noqa: E402
+from callstream.bus.polling import PollingReader, read_interval_s  # noqa: E402
 from callstream.contract import default_contract  # noqa: E402
 from callstream.events import AudioChunkCaptured, Track  # noqa: E402
 from callstream_emulator.faults import remote_snapshot  # noqa: E402

@@ -28,10 +28,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from callstream import aws
-from callstream.bus.consumer import KinesisSource, PollingReader, read_interval_s
+from callstream.bus.consumer import KinesisSource
 from callstream.bus.fanout import FanOutSource, register_consumer
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable, lease_client
+from callstream.bus.polling import PollingReader, read_interval_s
 from callstream.config import BusSettings, Env
 from callstream.errors import ConfigError, ConfigurationFault
 from callstream.metrics import Metrics, start_observability

@@ -54,9 +54,10 @@ from botocore.exceptions import ReadTimeoutError as BotoReadTimeout
 from urllib3.exceptions import ReadTimeoutError as Urllib3ReadTimeout
 
 from callstream.awserrors import Outcome, classify, error_code, outcome
-from callstream.bus.consumer import Batch, KinesisSource, Position, ShardRead
+from callstream.bus.consumer import KinesisSource
 from callstream.bus.leases import LeaseTable
 from callstream.bus.ports import Record
+from callstream.bus.reader import Batch, Position, ShardRead
 from callstream.errors import ConfigurationFault
 from callstream.metrics import Metrics
 

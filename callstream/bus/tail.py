@@ -17,13 +17,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from callstream.bus.consumer import (
-    THROTTLE_BACKOFF_CAP_S,
-    PollingReader,
-    Position,
-    ShardRead,
-    read_interval_s,
-)
+from callstream.bus.polling import THROTTLE_BACKOFF_CAP_S, PollingReader, read_interval_s
+from callstream.bus.reader import Position, ShardRead
 from callstream.contract import Contract, default_contract
 from callstream.errors import PoisonRecordError
 from callstream.events import Event

@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 
-from callstream.bus.consumer import SHARD_END, KinesisSource
+from callstream.bus.consumer import KinesisSource
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable
 from callstream.bus.memory import MemoryPublisher, MemoryStream
 from callstream.bus.ports import Record
+from callstream.bus.reader import SHARD_END
 from callstream.events import CallEnded, CallStarted, EndReason, Event
 from callstream.runtime import ServiceLoop
 

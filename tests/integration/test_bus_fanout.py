@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 from botocore.config import Config
 
-from callstream.bus.consumer import KinesisSource, PollingReader, read_interval_s
+from callstream.bus.consumer import KinesisSource
 from callstream.bus.fanout import SUBSCRIPTIONS, FanOutSource, register_consumer
 from callstream.bus.kinesis import KinesisPublisher
 from callstream.bus.leases import LeaseTable
+from callstream.bus.polling import PollingReader, read_interval_s
 from callstream.bus.ports import Record
 from callstream.metrics import Metrics
 from callstream_emulator.emulator import Emulator

@@ -11,14 +11,13 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from callstream.bus.consumer import (
+from callstream.bus.polling import (
     MIN_READ_INTERVAL_S,
     READ_THROTTLES,
     PollingReader,
-    Position,
-    ShardRead,
     read_interval_s,
 )
+from callstream.bus.reader import Position, ShardRead
 from callstream.metrics import Metrics
 
 SHARD = "shardId-000000000000"

@@ -20,9 +20,9 @@ import pytest
 from botocore.exceptions import ClientError
 
 from callstream.bus import fanout
-from callstream.bus.consumer import Batch, Position, ShardRead
 from callstream.bus.fanout import FanOutReader, FanOutSource, register_consumer
 from callstream.bus.leases import Lease
+from callstream.bus.reader import Batch, Position, ShardRead
 from callstream.clock import now_ms
 from callstream.errors import ConfigurationFault
 

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from callstream.bus.consumer import KinesisSource, PollingReader
+from callstream.bus.consumer import KinesisSource
 from callstream.bus.fanout import FanOutReader, FanOutSource
 from callstream.bus.leases import LeaseTable
+from callstream.bus.polling import PollingReader
 from callstream.config import BusSettings, Env
 from callstream.errors import ConfigError
 from callstream.metrics import Metrics

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from botocore.exceptions import ClientError
 
-from callstream.bus.consumer import read_interval_s
+from callstream.bus.polling import read_interval_s
 from callstream.bus.tail import TAIL_GROUPS, StreamTail
 from callstream.contract import default_contract
 from callstream.errors import PoisonRecordError
