@@ -74,6 +74,16 @@ def _calls_started(region: str, contact_id: str) -> list[CallStarted]:
     return [e for e in tail.poll() if isinstance(e, CallStarted) and e.contact_id == contact_id]
 
 
+def _wait_for_state_file(process: subprocess.Popen[bytes], state: Path) -> None:
+    """Until the emulator `process` wrote its state file, naming itself."""
+    deadline = time.monotonic() + 120
+    while not state.exists():
+        assert process.poll() is None, f"{process.args} exited"
+        assert time.monotonic() < deadline, f"{process.args} wrote no state file"
+        time.sleep(0.1)
+    assert json.loads(state.read_text())["pid"] == process.pid
+
+
 def test_local_down_stops_the_emulator_local_up_started(tmp_path: Path) -> None:
     state = tmp_path / "local.json"
     command = [sys.executable, "-m", "callstream.cli", "local", "up", "--state-file", str(state)]
@@ -84,12 +94,7 @@ def test_local_down_stops_the_emulator_local_up_started(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not state.exists():
-            assert up.poll() is None, "local up exited"
-            assert time.monotonic() < deadline, "local up wrote no state file"
-            time.sleep(0.1)
-        assert json.loads(state.read_text())["pid"] == up.pid
+        _wait_for_state_file(up, state)
         assert main(["local", "down", "--state-file", str(state), "--timeout", "60"]) == 0
         assert up.wait(timeout=60) == 0
         assert not state.exists()
@@ -110,12 +115,7 @@ def test_the_emulators_console_script_serves_until_sigterm(tmp_path: Path) -> No
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 120
-        while not state.exists():
-            assert process.poll() is None, "callstream-emulator exited"
-            assert time.monotonic() < deadline, "callstream-emulator wrote no state file"
-            time.sleep(0.1)
-        assert json.loads(state.read_text())["pid"] == process.pid
+        _wait_for_state_file(process, state)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
         assert not state.exists()
