@@ -58,7 +58,12 @@ class Faults:
             self.seen.append(kind)
         if hit and self.mode.endswith("before"):
             self._fail(kind)
-        result = apply()
+        try:
+            result = apply()
+        except Exception:
+            if hit:  # the effect failed on its own (a partly stored publish): the fault
+                self._fail(kind)  # after it still fires, in its place
+            raise
         if hit:
             self._fail(kind)
         return result
