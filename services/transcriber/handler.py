@@ -181,24 +181,20 @@ class TranscriberHandler:
         box = self.outbox.setdefault(call.contact_id, [])
         box.extend(events)
         records = self.records.get(call.contact_id)
-        published: list[Event] = []
-        if box:
-            try:
+        taken: list[Event] = []  # what the stream stored of the outbox
+        try:
+            if box:
                 self.sink.publish(box)
-            except CallstreamError as e:
-                # What the stream took of it leaves the outbox: the retry repeats nothing.
-                stored = stored_of(e, len(box))
-                self.outbox[call.contact_id] = [
-                    ev for ev, s in zip(box, stored, strict=True) if not s
-                ]
-                if records is not None and any(
-                    _final(ev) for ev, s in zip(box, stored, strict=True) if s
-                ):
-                    records.save_pending = True
-                raise
-            published, self.outbox[call.contact_id] = box, []
-        if records is not None and any(_final(e) for e in published):
-            records.save_pending = True
+                taken, self.outbox[call.contact_id] = box, []
+        except CallstreamError as e:
+            # What the stream took of it leaves the outbox: the retry repeats nothing.
+            stored = stored_of(e, len(box))
+            taken = [ev for ev, s in zip(box, stored, strict=True) if s]
+            self.outbox[call.contact_id] = [ev for ev, s in zip(box, stored, strict=True) if not s]
+            raise
+        finally:
+            if records is not None and any(_final(ev) for ev in taken):
+                records.save_pending = True
         if records is not None and records.save_pending:
             self._save(call, due_only=True)
         if call.done:
