@@ -45,7 +45,9 @@ def test_one_shard_carries_what_the_model_predicts_for_three_calls(
     out = carried["bytes_pushed"] if mode == "efo" else carried["bytes_read"]
     assert out == pytest.approx(2 * carried["bytes_written"], rel=0.15)  # each group, once
     if mode == "polling":  # 2 groups share the shard's 5 reads/s: 2.5 each
-        assert carried["get_records_calls"] <= READ_CALLS_PER_S
+        # Counted over a 6 s window, each group may land one read on each edge of it:
+        # 2 x (6 / 0.4 + 1) = 32 reads, 5.33/s, with none over the quota.
+        assert carried["get_records_calls"] <= READ_CALLS_PER_S + 2 / 6
     else:
         assert carried["get_records_calls"] == 0
     assert trial.kept_up and not any(trial.throttles.values()), trial
